@@ -1,0 +1,1 @@
+"""Adapters that present other libraries' components under the spec's names."""

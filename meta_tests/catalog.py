@@ -1,0 +1,152 @@
+"""The catalog of known-buggy implementations (mutants) and the machinery that runs properties on them.
+
+A mutant is a realistic bug, written as the smallest change to one of our components. It declares the
+properties that must catch it; ``meta_tests/test_mutants.py`` runs each of those properties against it
+and requires a failure, and checks that every property in ``properties/`` catches at least one mutant.
+
+    @mutant(bug="scores are not scaled by 1/sqrt(e)", caught_by=["test_sdpa_agrees_with_reference"])
+    def scaled_dot_product_attention(q, k, v, *, mask=None, causal=False, scale=None): ...
+
+The mutant stands in for the component of its ``provides`` name (default: the object's own name); every
+other component comes from our implementations, so relational properties (MHA vs SelfAttention) work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
+
+from hypothesis import Phase, settings
+
+import implementations
+import properties
+from properties.plugin import Implementation
+
+OURS = Implementation("ours", implementations)
+
+
+@dataclass
+class Mutant:
+    name: str
+    bug: str
+    provides: str
+    obj: Any
+    caught_by: list[str]
+    module: str = field(default="")
+
+    def implementation(self) -> Implementation:
+        return Implementation(f"mutant {self.name}", SimpleNamespace(**{self.provides: self.obj}), fallback=OURS)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+MUTANTS: list[Mutant] = []
+
+
+def mutant(*, bug: str, caught_by: list[str], provides: str | None = None, name: str | None = None):
+    """Register the decorated function or class as a mutant of component ``provides``."""
+
+    def register(obj: Any) -> Any:
+        entry = Mutant(
+            name=name or f"{provides or obj.__name__}:{bug}",
+            bug=bug,
+            provides=provides or obj.__name__,
+            obj=obj,
+            caught_by=list(caught_by),
+            module=obj.__module__,
+        )
+        if any(m.name == entry.name for m in MUTANTS):
+            raise ValueError(f"mutant {entry.name!r} is registered twice")
+        MUTANTS.append(entry)
+        return obj
+
+    return register
+
+
+def load_catalog() -> list[Mutant]:
+    """Import every module of meta_tests/mutants (registering their mutants) and return the catalog."""
+    from meta_tests import mutants
+
+    for info in pkgutil.iter_modules(mutants.__path__):
+        importlib.import_module(f"meta_tests.mutants.{info.name}")
+    return MUTANTS
+
+
+def all_properties() -> dict[str, Callable]:
+    """Every property: the test functions of properties/test_*.py, by name (names are unique)."""
+    found: dict[str, Callable] = {}
+    for info in pkgutil.iter_modules(properties.__path__):
+        if not info.name.startswith("test_"):
+            continue
+        module = importlib.import_module(f"properties.{info.name}")
+        for attr, value in vars(module).items():
+            if attr.startswith("test_") and callable(value) and getattr(value, "__module__", "") == module.__name__:
+                if attr in found:
+                    raise ValueError(f"property name {attr} is used twice")
+                found[attr] = value
+    return found
+
+
+def parametrization(prop: Callable) -> dict[str, list[Any]]:
+    """The ``@pytest.mark.parametrize`` values of a property, by argument name."""
+    values: dict[str, list[Any]] = {}
+    for mark in getattr(prop, "pytestmark", []):
+        if mark.name != "parametrize":
+            continue
+        names, argvalues = mark.args[0], mark.args[1]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        if len(names) == 1:
+            values[names[0]] = list(argvalues)
+        else:
+            for i, n in enumerate(names):
+                values[n] = [row[i] for row in argvalues]
+    return values
+
+
+def arguments_for(prop: Callable, m: Mutant) -> dict[str, Any]:
+    """The fixture and parameter values to run ``prop`` on mutant ``m``: the CPU, float64 where the
+    property has a dtype, and the mutant's own component where the property is parametrized by one."""
+    import inspect
+
+    import torch
+
+    wanted = inspect.signature(prop).parameters
+    params = parametrization(prop)
+    args: dict[str, Any] = {"impl": m.implementation()}
+    if "device" in wanted:
+        args["device"] = "cpu"
+    for name, values in params.items():
+        if name == "component":
+            if m.provides not in values:
+                raise LookupError(f"{prop.__name__} does not apply to {m.provides} (it covers {values})")
+            args[name] = m.provides
+        elif name == "dtype":
+            args[name] = torch.float64 if torch.float64 in values else values[0]
+        else:
+            args[name] = values[0]
+    return args
+
+
+@contextlib.contextmanager
+def quick_settings(prop: Callable) -> Iterator[None]:
+    """Run a property without shrinking or the example database: the meta test needs *a* failure, not
+    the smallest one, and must not leave mutants' examples behind. Hypothesis keeps a test's settings on
+    this attribute (its pytest plugin adjusts it the same way)."""
+    original = prop._hypothesis_internal_use_settings
+    prop._hypothesis_internal_use_settings = settings(
+        original,
+        phases=[Phase.explicit, Phase.generate],
+        database=None,
+        derandomize=True,
+        report_multiple_bugs=False,
+        max_examples=max(original.max_examples, 50),
+    )
+    try:
+        yield
+    finally:
+        prop._hypothesis_internal_use_settings = original

@@ -1,0 +1,128 @@
+"""Assertions and tolerance rules: one place, one message template.
+
+Tolerance rules (the only ones the suite uses)
+----------------------------------------------
+* exact (``torch.equal``): where the math makes the result bit-identical: a masked key contributes
+  exp(-inf) = 0 exactly, an unrelated batch element is never read, the Jacobian block of a causal
+  map is structurally zero.
+* float64 identities and float64 agreement with the reference: |actual - expected| <= 1e-9 * (1 + |expected|).
+  Every computation here sums at most a few hundred terms of size ~1, whose float64 rounding error is
+  ~1e-14; 1e-9 leaves five orders of margin for reordering while every real bug is off by > 1e-3.
+* float32, float16, bfloat16: the error-ratio rule (flash-attention's tests, pytorch's flex-attention
+  tests). With ``expected`` the float64 reference and ``baseline`` a plain computation of the same math
+  in the same dtype (our readable implementation),
+      max|actual - expected| <= RATIO * max|baseline - expected| + FLOOR_ULPS * eps(dtype) * scale,
+  scale = max(1, max|expected|). RATIO = 2 as flash-attention uses for forward passes; the floor of a few
+  units in the last place keeps a lucky, nearly exact baseline from failing a correct implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FLOAT64_RTOL = 1e-9
+RATIO = 2.0
+FLOOR_ULPS = 8.0
+
+
+def _as_tensor(x: Tensor | np.ndarray) -> Tensor:
+    return torch.as_tensor(np.asarray(x)) if isinstance(x, np.ndarray) else x
+
+
+def _locate(index: Sequence[int], axes: str | None) -> str:
+    if axes:
+        names = axes.split()
+        if len(names) == len(index):
+            return ", ".join(f"{n}={i}" for n, i in zip(names, index))
+    return "index " + str(tuple(index))
+
+
+def fail(claim: str, detail: str, hint: str | None = None) -> None:
+    """Raise the suite's failure message: the claim, what was seen, and a hint for the learner."""
+    __tracebackhide__ = True
+    lines = [claim, f"  seen: {detail}"]
+    if hint:
+        lines.append(f"  hint: {hint}")
+    raise AssertionError("\n".join(lines))
+
+
+def _largest_error(actual: Tensor, expected: Tensor, axes: str | None) -> tuple[float, str]:
+    diff = (actual - expected).abs()
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+    flat = int(diff.argmax())
+    index = np.unravel_index(flat, tuple(diff.shape)) if diff.dim() else ()
+    where = _locate([int(i) for i in index], axes)
+    got, want = actual.reshape(-1)[flat].item(), expected.reshape(-1)[flat].item()
+    return diff.reshape(-1)[flat].item(), f"at {where} (expected {want:.6g}, got {got:.6g})"
+
+
+def _check_shapes(actual: Tensor, expected: Tensor, claim: str) -> None:
+    __tracebackhide__ = True
+    if tuple(actual.shape) != tuple(expected.shape):
+        fail(claim, f"shape {tuple(actual.shape)}, but should be {tuple(expected.shape)}")
+
+
+def assert_equal(actual: Tensor, expected: Tensor, *, claim: str, hint: str | None = None, axes: str | None = None):
+    """Bit-for-bit equality, for claims the math makes exact."""
+    __tracebackhide__ = True
+    actual, expected = _as_tensor(actual), _as_tensor(expected).to(actual.device)
+    _check_shapes(actual, expected, claim)
+    if torch.equal(actual, expected):
+        return
+    differ = int((actual != expected).sum())
+    err, where = _largest_error(actual.double(), expected.double(), axes)
+    fail(claim, f"{differ} of {actual.numel()} entries differ; the largest difference is {err:.3g} {where}", hint)
+
+
+def assert_close(
+    actual: Tensor,
+    expected: Tensor | np.ndarray,
+    *,
+    claim: str,
+    hint: str | None = None,
+    axes: str | None = None,
+    baseline: Tensor | None = None,
+) -> None:
+    """``actual`` equals ``expected`` (a float64 reference) within the rule for ``actual``'s dtype."""
+    __tracebackhide__ = True
+    expected = _as_tensor(expected).to(device=actual.device, dtype=torch.float64)
+    _check_shapes(actual, expected, claim)
+    a = actual.detach().double()
+    err, where = _largest_error(a, expected, axes)
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    if actual.dtype == torch.float64:
+        allowed = FLOAT64_RTOL * scale
+        rule = f"float64 rule 1e-9 * {scale:.3g}"
+    else:
+        if baseline is None:
+            raise ValueError("the error-ratio rule needs a same-dtype baseline")
+        base_err = (baseline.detach().double() - expected).abs().max().item() if expected.numel() else 0.0
+        floor = FLOOR_ULPS * torch.finfo(actual.dtype).eps * scale
+        allowed = RATIO * base_err + floor
+        rule = (
+            f"error-ratio rule: {RATIO:g} x the plain {str(actual.dtype).removeprefix('torch.')} "
+            f"computation's error {base_err:.3g} + {FLOOR_ULPS:g} ulp floor {floor:.3g}"
+        )
+    if not err <= allowed:  # also catches NaN
+        outside = int(((a - expected).abs() > allowed).sum()) if err == err else actual.numel()
+        fail(
+            claim,
+            f"largest error {err:.3g} {where}; allowed {allowed:.3g} ({rule}); "
+            f"{outside} of {actual.numel()} entries outside",
+            hint,
+        )
+
+
+def assert_true(condition: bool, *, claim: str, detail: str, hint: str | None = None) -> None:
+    __tracebackhide__ = True
+    if not condition:
+        fail(claim, detail, hint)
+
+
+# Every dtype an agreement property runs in: float64 (tight), float32 (every device), and the half
+# precisions (CUDA only; conftest skips them on the CPU), the last three judged by the error-ratio rule.
+PRECISIONS = [torch.float64, torch.float32, torch.float16, torch.bfloat16]

@@ -1,0 +1,341 @@
+"""How the suite reaches an implementation: a Python module, looked up by the spec's component names.
+
+An *implementation* is any module (a file path or an importable name) that defines some of the spec's
+components under their names (``MultiHeadAttention``, ``scaled_dot_product_attention``, ...). The suite
+never replaces a missing component with ours: the properties that need it are skipped with
+"<name> is not provided by <module>".
+
+Every call into the implementation goes through :class:`CheckedModule` or :class:`CheckedFunction`, which
+turn the ways learner code goes wrong (an exception, a tuple instead of a tensor, a wrong shape, NaN) into
+one :class:`ComponentFailure` with a plain sentence, so Hypothesis shrinks it like any other failure.
+
+Canonical parameters
+--------------------
+Relational properties share weights between modules (MHA with one head vs SelfAttention, GQA vs MHA with
+repeated K/V heads, ...). They do it through the canonical names each spec entry lists (``q.weight``,
+``o.bias``, ...). A module whose parameters carry other names declares, on its class, either
+
+* ``canonical_names = {"q.weight": "q_proj.weight", ...}``: canonical name -> your parameter name; or
+* ``canonical_state_dict(self) -> dict[str, Tensor]`` and ``load_canonical_state_dict(self, params)``
+  for layouts a rename cannot express (a fused QKV projection); see examples/fused_qkv_attention.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from spec import COMPONENTS, Component, Param
+
+# The two implementations that ship with the project, selectable by these names.
+BUILTIN_TARGETS = {"ours": "implementations", "pytorch": "adapters.pytorch"}
+DEFAULT_TARGETS = ("ours", "pytorch")
+
+
+class ImplementationLoadError(Exception):
+    """The implementation module could not be found or imported (a usage error, reported once)."""
+
+
+class ComponentFailure(AssertionError):
+    """A component misbehaved in a way the property did not get to judge: it raised, returned the wrong
+    type or shape, produced NaN, or its parameters do not match the spec. Reported as a property failure."""
+
+
+def _where(exc: BaseException) -> str:
+    """'file.py:12 in forward' for the innermost frame of an exception, to point the learner at it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" (at {Path(last.filename).name}:{last.lineno} in {last.name})"
+
+
+def describe_call(name: str, config: dict[str, Any]) -> str:
+    args = ", ".join(f"{k}={v}" for k, v in config.items())
+    return f"{name}({args})"
+
+
+class Implementation:
+    """A module of components under test, with the name it is reported by."""
+
+    def __init__(self, label: str, namespace: ModuleType | Any, *, fallback: Implementation | None = None):
+        self.label = label
+        self.namespace = namespace
+        # Only the suite's own mutant tests use a fallback (a mutant replaces one component of ours).
+        self.fallback = fallback
+
+    def __repr__(self) -> str:
+        return self.label
+
+    def provides(self, name: str) -> bool:
+        return hasattr(self.namespace, name) or (self.fallback is not None and self.fallback.provides(name))
+
+    def missing_reason(self, name: str) -> str:
+        return f"{name} is not provided by {self.label}"
+
+    def raw(self, name: str) -> Any:
+        if hasattr(self.namespace, name):
+            return getattr(self.namespace, name)
+        if self.fallback is not None:
+            return self.fallback.raw(name)
+        raise ComponentFailure(self.missing_reason(name))
+
+    def function(self, name: str) -> CheckedFunction:
+        return CheckedFunction(COMPONENTS[name], self.raw(name), self.label)
+
+    def build(
+        self,
+        name: str,
+        *,
+        seed: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float64,
+        params: dict[str, Tensor] | None = None,
+        **config: Any,
+    ) -> CheckedModule:
+        """Construct ``name(**config)`` reproducibly, move it to device/dtype and load canonical parameters.
+
+        The canonical parameters are drawn from ``seed`` (see spec.registry.Param) unless ``params`` are
+        given, so every implementation is judged on the same weights, whatever its own initialisation.
+        """
+        entry = COMPONENTS[name]
+        cls = self.raw(name)
+        call = describe_call(name, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                module = cls(**config)
+            except Exception as exc:
+                raise ComponentFailure(
+                    f"{self.label}: constructing {call} raised {type(exc).__name__}: {exc}{_where(exc)}. "
+                    "The suite builds every component with the spec's keyword arguments."
+                ) from None
+        if not isinstance(module, nn.Module):
+            raise ComponentFailure(f"{self.label}: {call} is a {type(module).__name__}, not a torch.nn.Module")
+        module = module.to(device=device, dtype=dtype).eval()
+        checked = CheckedModule(entry, module, self.label, config)
+        if entry.parameters is not None:
+            if params is None:
+                params = draw_parameters(entry.parameters(**config), seed)
+            checked.load_canonical(params)
+        return checked
+
+
+class CheckedFunction:
+    """Calls a spec'd function and turns misbehaviour into a ComponentFailure."""
+
+    def __init__(self, entry: Component, fn: Callable, label: str):
+        self.entry, self.fn, self.label = entry, fn, label
+
+    def __call__(self, *args: Tensor, **kwargs: Any) -> Tensor:
+        return checked_call(self.entry, self.fn, self.label, self.entry.name, args, kwargs)
+
+
+class CheckedModule:
+    """A built module under test: call it like the module; reach the module itself as ``.module``."""
+
+    def __init__(self, entry: Component, module: nn.Module, label: str, config: dict[str, Any]):
+        self.entry, self.module, self.label, self.config = entry, module, label, config
+        self.call = describe_call(entry.name, config)
+
+    def __repr__(self) -> str:
+        return f"{self.label}: {self.call}"
+
+    def __call__(self, *args: Tensor, **kwargs: Any) -> Tensor:
+        return checked_call(self.entry, self.module, self.label, self.call, args, kwargs)
+
+    def expected_parameters(self) -> dict[str, Param]:
+        assert self.entry.parameters is not None, f"{self.entry.name} has no canonical parameters"
+        return self.entry.parameters(**self.config)
+
+    def canonical_state(self) -> dict[str, Tensor]:
+        """The module's parameters under the spec's canonical names (live tensors, not copies)."""
+        expected = self.expected_parameters()
+        module = self.module
+        if hasattr(module, "canonical_state_dict"):
+            state = dict(module.canonical_state_dict())
+        else:
+            rename: dict[str, str] = getattr(module, "canonical_names", {})
+            own = dict(module.named_parameters())
+            state = {}
+            for name in expected:
+                theirs = rename.get(name, name)
+                if theirs not in own:
+                    raise ComponentFailure(
+                        f"{self}: has no parameter {theirs!r} for the spec's {name!r}; its parameters are "
+                        f"{sorted(own)}. Name them as the spec does, or map them with `canonical_names` "
+                        "(README, 'Plugging in')."
+                    )
+                state[name] = own[theirs]
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ComponentFailure(f"{self}: canonical_state_dict() lacks {missing}")
+        for name, param in expected.items():
+            if tuple(state[name].shape) != param.shape:
+                raise ComponentFailure(
+                    f"{self}: parameter {name!r} has shape {tuple(state[name].shape)}, "
+                    f"but the spec says {param.shape}"
+                )
+        return {name: state[name] for name in expected}
+
+    def load_canonical(self, params: dict[str, Tensor]) -> None:
+        """Set the module's parameters from canonical ones (cast to the module's device and dtype)."""
+        reference = next(iter(self.module.parameters()), None)
+        device = reference.device if reference is not None else torch.device("cpu")
+        dtype = reference.dtype if reference is not None else torch.float64
+        params = {name: value.to(device=device, dtype=dtype) for name, value in params.items()}
+        if hasattr(self.module, "load_canonical_state_dict"):
+            try:
+                with torch.no_grad():
+                    self.module.load_canonical_state_dict(params)
+            except Exception as exc:
+                raise ComponentFailure(
+                    f"{self}: load_canonical_state_dict raised {type(exc).__name__}: {exc}{_where(exc)}"
+                ) from None
+            return
+        state = self.canonical_state()
+        with torch.no_grad():
+            for name, value in params.items():
+                state[name].copy_(value)
+
+
+def draw_parameters(spec: dict[str, Param], seed: int) -> dict[str, Tensor]:
+    """Canonical parameters in float64 on the CPU, drawn from ``seed`` (the same on every device)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, param in spec.items():
+        z = torch.randn(param.shape, generator=gen, dtype=torch.float64)
+        if param.init == "weight":
+            out[name] = z / math.sqrt(param.shape[-1])
+        elif param.init == "bias":
+            out[name] = 0.1 * z
+        elif param.init == "gain":
+            out[name] = 1.0 + 0.1 * z
+        else:
+            out[name] = z
+    return out
+
+
+def checked_call(
+    entry: Component, fn: Callable, label: str, call: str, args: tuple, kwargs: dict[str, Any]
+) -> Tensor:
+    try:
+        out = fn(*args, **kwargs)
+    except ComponentFailure:
+        raise
+    except Exception as exc:
+        raise ComponentFailure(
+            f"{label}: {call} raised {type(exc).__name__}: {exc}{_where(exc)}; "
+            f"it was called with {describe_arguments(args, kwargs)}"
+        ) from None
+    if not isinstance(out, Tensor):
+        raise ComponentFailure(
+            f"{label}: {call} returned a {type(out).__name__}; the spec's {entry.name} returns one tensor"
+            + (" (return the output alone, not (output, weights))" if isinstance(out, tuple) else "")
+        )
+    if entry.output_shape is not None:
+        want = tuple(entry.output_shape(*args, **kwargs))
+        if tuple(out.shape) != want:
+            raise ComponentFailure(
+                f"{label}: {call} returned shape {tuple(out.shape)}, but the spec says {want} "
+                f"for {describe_arguments(args, kwargs)}"
+            )
+    inputs_finite = all(
+        torch.isfinite(a).all() for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.is_floating_point()
+    )
+    if inputs_finite and out.is_floating_point() and not torch.isfinite(out).all():
+        bad = (~torch.isfinite(out)).nonzero()
+        raise ComponentFailure(
+            f"{label}: {call} returned {len(bad)} non-finite value(s) (NaN or inf) for finite inputs, "
+            f"first at index {tuple(bad[0].tolist())}. A row whose keys are all masked must give zeros, "
+            "not softmax over -inf."
+        )
+    return out
+
+
+def describe_arguments(args: tuple, kwargs: dict[str, Any]) -> str:
+    def one(a: Any) -> str:
+        if isinstance(a, Tensor):
+            return f"{str(a.dtype).removeprefix('torch.')}{tuple(a.shape)}"
+        return repr(a)
+
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+def backward(loss: Tensor, who: object) -> None:
+    """``loss.backward()``, with autograd errors reported as the component's failure."""
+    try:
+        loss.backward()
+    except RuntimeError as exc:
+        hint = ""
+        if "inplace" in str(exc) or "in-place" in str(exc):
+            hint = (
+                " Hint: an in-place operation (masked_fill_, +=, [...] = ) overwrote a tensor that autograd "
+                "saved for the backward pass; use the out-of-place form (masked_fill)."
+            )
+        raise ComponentFailure(f"{who}: backward raised RuntimeError: {exc}.{hint}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading what --impl names
+
+
+def load_implementation(target: str) -> Implementation:
+    """A built-in name ("ours", "pytorch"), a path to a .py file, or an importable module name."""
+    if target in BUILTIN_TARGETS:
+        return Implementation(target, importlib.import_module(BUILTIN_TARGETS[target]))
+    path = Path(target)
+    if target.endswith(".py") or path.exists():
+        if not path.is_file():
+            raise ImplementationLoadError(f"--impl {target}: there is no such file")
+        module = _import_file(path)
+        label = str(path)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            if exc.name and target.startswith(exc.name):
+                raise ImplementationLoadError(
+                    f"--impl {target}: no module named {exc.name!r}. Give a path to a .py file "
+                    "or the name of an importable module."
+                ) from None
+            raise ImplementationLoadError(_import_failure(target, exc)) from None
+        except Exception as exc:
+            raise ImplementationLoadError(_import_failure(target, exc)) from None
+        label = target
+    names = [name for name in COMPONENTS if hasattr(module, name)]
+    if not names:
+        raise ImplementationLoadError(
+            f"--impl {target}: the module defines none of the spec's components. "
+            f"Define some of: {', '.join(COMPONENTS)}."
+        )
+    return Implementation(label, module)
+
+
+def _import_file(path: Path) -> ModuleType:
+    name = f"_impl_under_test_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImplementationLoadError(f"--impl {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # so dataclasses and pickling inside it work
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise ImplementationLoadError(_import_failure(str(path), exc)) from None
+    return module
+
+
+def _import_failure(target: str, exc: BaseException) -> str:
+    return f"--impl {target} failed to import: {type(exc).__name__}: {exc}{_where(exc)}"

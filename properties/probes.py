@@ -1,0 +1,59 @@
+"""Probes shared by the properties: Jacobian blocks, gradchecks, the torch reference backend."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.autograd.gradcheck import GradcheckError
+
+from properties.assertions import fail
+from properties.plugin import ComponentFailure
+
+
+def jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, who: object) -> Tensor:
+    """d fn(x) / d x as a tensor of shape (*out.shape, *x.shape); autograd errors become failures."""
+    try:
+        return torch.autograd.functional.jacobian(fn, x)
+    except ComponentFailure:
+        raise
+    except RuntimeError as exc:
+        raise ComponentFailure(f"{who}: differentiating it raised RuntimeError: {exc}") from None
+
+
+def gradcheck(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], *, claim: str, hint: str) -> None:
+    """float64 ``torch.autograd.gradcheck``: analytic gradients equal finite differences."""
+    __tracebackhide__ = True
+    inputs = tuple(i.detach().clone().requires_grad_(i.is_floating_point()) for i in inputs)
+    try:
+        ok = torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, raise_exception=True)
+    except ComponentFailure:
+        raise
+    except GradcheckError as exc:
+        first = str(exc).strip().splitlines()[0]
+        fail(claim, f"gradcheck: {first}", hint)
+    except RuntimeError as exc:
+        text = str(exc).splitlines()[0]
+        more = (
+            " An in-place operation overwrote a tensor autograd saved: use the out-of-place form (masked_fill)."
+            if "inplace" in text
+            else ""
+        )
+        fail(claim, f"backward raised RuntimeError: {text}.{more}", hint)
+    else:
+        assert ok
+
+
+@contextlib.contextmanager
+def math_backend() -> Iterator[None]:
+    """Force PyTorch's reference (math) SDPA backend, which runs float64."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def torch_has_enable_gqa() -> bool:
+    return "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")

@@ -1,0 +1,36 @@
+"""The specification: what every component must do, and an independent float64 reference.
+
+Each module under ``spec/`` describes one family of components. For every component it gives, in this
+order: signature, shapes, math, conventions, canonical parameters, and the properties that check it.
+Its reference implementation is written in numpy (float64) with einops, apart from the torch code in
+``implementations/``, so that it can judge that code.
+
+Shape glossary (used in every docstring, comment and shape annotation of the project)
+-------------------------------------------------------------------------------------
+    b   batch
+    s   query positions (the sequence being computed)
+    t   key/value positions (the context attended to; t == s for self-attention)
+    d   model width (d_model)
+    h   query heads (n_head)
+    g   key/value heads (n_kv_head); h % g == 0, and query head i reads KV head i // (h // g)
+    e   head width (head_dim = d // h)
+    f   feed-forward width
+    n   vocabulary size
+    c   classes (classification) or outputs (regression)
+
+Project-wide conventions
+------------------------
+* Masks are boolean and True means "may attend" (the polarity of ``F.scaled_dot_product_attention``).
+  ``nn.MultiheadAttention`` uses the opposite polarity; the adapter in ``adapters/pytorch`` converts.
+* Causal masks align bottom-right: with s queries and t keys, query i sits at absolute position
+  t - s + i and may see keys 0 .. t - s + i. This is what cached decoding needs; PyTorch's
+  ``is_causal=True`` aligns top-left when s != t.
+* A query row with no allowed key produces zeros (finite, never NaN), as SDPA does since torch 2.5.
+"""
+
+from spec.registry import COMPONENTS, Component, Param, component
+
+__all__ = ["COMPONENTS", "Component", "Param", "component"]
+
+# Importing the families registers their components.
+from spec import attention, grouped_query_attention, scaled_dot_product_attention  # noqa: E402,F401

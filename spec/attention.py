@@ -1,0 +1,140 @@
+"""Attention modules: single-head self-attention, multi-head attention, cross-attention.
+
+Signatures (constructors are keyword-only)
+-------------------------------------------
+    SelfAttention(*, d_model)                   .forward(x, *, mask=None, causal=False)
+    MultiHeadAttention(*, d_model, n_head)      .forward(x, *, mask=None, causal=False)
+    CrossAttention(*, d_model, n_head)          .forward(x, context, *, mask=None)
+
+Shapes
+------
+    x        (b, s, d)          the sequence that asks (queries)
+    context  (b, t, d)          the sequence that answers (keys and values); t may differ from s
+    mask     bool; SelfAttention: broadcastable to (b, s, t); the multi-head modules: to (b, h, s, t).
+             A padding (key) mask is ``keep[:, None, None, :]`` for shape (b, t).
+    out      (b, s, d), the dtype and device of x
+
+Math (e = d // h)
+-----------------
+    q = x W_q^T + b_q          split into h heads:   (b, s, d) -> (b, h, s, e)
+    k = c W_k^T + b_k          split into g heads:   (b, t, d) -> (b, g, t, e)    c = context, or x
+    v = c W_v^T + b_v          split into g heads
+    a = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal)   (spec/scaled_dot_product_attention.py)
+    out = merge_heads(a) W_o^T + b_o                  (b, h, s, e) -> (b, s, h*e)
+Heads are split as ``rearrange(y, "b s (h e) -> b h s e")``: head i owns features i*e .. (i+1)*e - 1
+of every projection, and merging puts them back in the same place.
+
+Conventions
+-----------
+All of spec/scaled_dot_product_attention.py (mask polarity True = may attend, bottom-right causal
+alignment, zeros for a query with no allowed key). SelfAttention is the one-head case, so its scale is
+1/sqrt(d). Every projection has a bias, as ``nn.MultiheadAttention`` and ``nn.Linear`` default to.
+
+Canonical parameters (the names the relational properties use to share weights)
+----------------------------------------------------------------------------------
+    q.weight (h*e, d)  q.bias (h*e,)     k.weight (g*e, d)  k.bias (g*e,)
+    v.weight (g*e, d)  v.bias (g*e,)     o.weight (d, h*e)  o.bias (d,)
+with g = h here (MQA and GQA, in spec/grouped_query_attention.py, shrink k and v). An implementation
+whose parameters carry other names maps them (README, "Plugging in").
+
+Properties (properties/test_attention.py)
+-----------------------------------------
+agrees with the reference in float64, float32 and (CUDA) half precision; causal attention never leaks
+the future, with an exactly zero Jacobian, and depends on the past; masked keys have no influence; a fully
+masked query row is finite; batch elements are independent; self-attention is equivariant to permuting
+positions; cross-attention is invariant to permuting the context; one-head MHA equals SelfAttention;
+cross-attention on its own input equals MHA; MHA agrees with ``nn.MultiheadAttention``; gradcheck;
+every parameter gets a finite gradient; dtype and device are preserved.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from einops import rearrange
+
+from spec.registry import Component, Param, component, same_shape_as_first_input
+from spec.scaled_dot_product_attention import scaled_dot_product_attention
+
+
+def projection_parameters(*, d_model: int, n_head: int, n_kv_head: int) -> dict[str, Param]:
+    """Canonical parameters of every attention module (g = n_kv_head, e = d_model // n_head)."""
+    e = d_model // n_head
+    return {
+        "q.weight": Param((n_head * e, d_model)),
+        "q.bias": Param((n_head * e,), "bias"),
+        "k.weight": Param((n_kv_head * e, d_model)),
+        "k.bias": Param((n_kv_head * e,), "bias"),
+        "v.weight": Param((n_kv_head * e, d_model)),
+        "v.bias": Param((n_kv_head * e,), "bias"),
+        "o.weight": Param((d_model, n_head * e)),
+        "o.bias": Param((d_model,), "bias"),
+    }
+
+
+SELF_ATTENTION = component(
+    Component(
+        name="SelfAttention",
+        kind="module",
+        family="attention",
+        summary="single-head self-attention",
+        parameters=lambda *, d_model: projection_parameters(d_model=d_model, n_head=1, n_kv_head=1),
+        output_shape=same_shape_as_first_input,
+    )
+)
+MULTI_HEAD_ATTENTION = component(
+    Component(
+        name="MultiHeadAttention",
+        kind="module",
+        family="attention",
+        summary="multi-head self-attention",
+        parameters=lambda *, d_model, n_head: projection_parameters(
+            d_model=d_model, n_head=n_head, n_kv_head=n_head
+        ),
+        output_shape=same_shape_as_first_input,
+    )
+)
+CROSS_ATTENTION = component(
+    Component(
+        name="CrossAttention",
+        kind="module",
+        family="attention",
+        summary="multi-head cross-attention (queries from x, keys and values from context)",
+        parameters=lambda *, d_model, n_head: projection_parameters(
+            d_model=d_model, n_head=n_head, n_kv_head=n_head
+        ),
+        output_shape=same_shape_as_first_input,
+    )
+)
+
+
+def attention(
+    params: dict[str, np.ndarray],
+    x: np.ndarray,
+    context: np.ndarray | None = None,
+    *,
+    n_head: int,
+    n_kv_head: int | None = None,
+    mask: np.ndarray | None = None,
+    causal: bool = False,
+) -> np.ndarray:
+    """The float64 reference shared by every attention module (MHA, MQA, GQA, cross, single-head)."""
+    p = {name: np.asarray(value, dtype=np.float64) for name, value in params.items()}
+    x = np.asarray(x, dtype=np.float64)
+    c = x if context is None else np.asarray(context, dtype=np.float64)
+    n_kv_head = n_head if n_kv_head is None else n_kv_head
+
+    def project(inp: np.ndarray, name: str, heads: int) -> np.ndarray:
+        y = inp @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+        return rearrange(y, "b s (h e) -> b h s e", h=heads)
+
+    q, k, v = project(x, "q", n_head), project(c, "k", n_kv_head), project(c, "v", n_kv_head)
+    a = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal)
+    return rearrange(a, "b h s e -> b s (h e)") @ p["o.weight"].T + p["o.bias"]
+
+
+def self_attention(params, x, *, mask=None, causal=False) -> np.ndarray:
+    """Reference for SelfAttention: its mask is (b, s, t)-broadcastable, so give it a head axis."""
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        mask = mask[..., None, :, :] if mask.ndim >= 3 else mask
+    return attention(params, x, n_head=1, mask=mask, causal=causal)

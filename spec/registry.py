@@ -1,0 +1,62 @@
+"""The registry of components: every spec module declares its components here, by name.
+
+The suite reaches an implementation only through these names, so a learner's module plugs in by
+defining the same names (see README, "Check your own implementation").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+
+@dataclass(frozen=True)
+class Param:
+    """A canonical parameter: its shape and how the suite initialises it.
+
+    ``init`` is one of:
+      * ``"weight"``: a matrix, drawn N(0, 1/fan_in) so activations keep unit scale;
+      * ``"bias"``: drawn N(0, 0.1^2), nonzero so that a bias added in the wrong place shows;
+      * ``"gain"``: a per-feature scale, drawn 1 + N(0, 0.1^2);
+      * ``"embedding"``: a lookup table, drawn N(0, 1).
+    """
+
+    shape: tuple[int, ...]
+    init: Literal["weight", "bias", "gain", "embedding"] = "weight"
+
+
+@dataclass(frozen=True)
+class Component:
+    """One spec'd component.
+
+    name:        the name an implementation module must define (a class or a function).
+    kind:        "module" (an ``nn.Module`` subclass built with keyword arguments) or "function".
+    family:      the file stem shared by spec/, implementations/ and properties/.
+    summary:     one line for reports.
+    parameters:  for modules, the canonical parameters given the constructor's keyword arguments.
+    output_shape: the shape the component must return, given the arguments of its call (None: the
+                 properties check shapes themselves).
+    """
+
+    name: str
+    kind: Literal["module", "function"]
+    family: str
+    summary: str
+    parameters: Callable[..., dict[str, Param]] | None = field(default=None, compare=False)
+    output_shape: Callable[..., tuple[int, ...]] | None = field(default=None, compare=False)
+
+
+COMPONENTS: dict[str, Component] = {}
+
+
+def same_shape_as_first_input(x, *args, **kwargs) -> tuple[int, ...]:
+    """Most modules return the shape of their first input: (b, s, d) -> (b, s, d)."""
+    return tuple(x.shape)
+
+
+def component(entry: Component) -> Component:
+    """Register a component; a name may be registered once."""
+    if entry.name in COMPONENTS:
+        raise ValueError(f"component {entry.name!r} is registered twice")
+    COMPONENTS[entry.name] = entry
+    return entry
