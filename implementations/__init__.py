@@ -1,17 +1,11 @@
 """Our clean-room PyTorch implementations, exported under the spec's component names.
 
-``pytest --impl implementations`` is the same as the default run's "ours".
+Each family module (same stem as in spec/ and properties/) lists its components in ``__all__``; they are
+all re-exported here, so ``pytest --impl implementations`` is the same as the default run's "ours".
 """
 
-from implementations.attention import CrossAttention, MultiHeadAttention, SelfAttention
-from implementations.grouped_query_attention import GroupedQueryAttention, MultiQueryAttention
-from implementations.scaled_dot_product_attention import scaled_dot_product_attention
+from spec.registry import export_families
 
-__all__ = [
-    "CrossAttention",
-    "GroupedQueryAttention",
-    "MultiHeadAttention",
-    "MultiQueryAttention",
-    "SelfAttention",
-    "scaled_dot_product_attention",
-]
+_components = export_families(__name__, __path__)
+globals().update(_components)
+__all__ = sorted(_components)

@@ -6,7 +6,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from implementations.scaled_dot_product_attention import scaled_dot_product_attention
+from implementations.sdpa import scaled_dot_product_attention
+
+__all__ = ["SelfAttention", "MultiHeadAttention", "CrossAttention"]
 
 
 class ProjectedAttention(nn.Module):

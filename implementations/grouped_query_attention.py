@@ -6,6 +6,8 @@ from torch import Tensor
 
 from implementations.attention import ProjectedAttention
 
+__all__ = ["GroupedQueryAttention", "MultiQueryAttention"]
+
 
 class GroupedQueryAttention(ProjectedAttention):
     """n_kv_head key/value heads shared by contiguous groups of n_head // n_kv_head query heads."""

@@ -32,5 +32,15 @@ from spec.registry import COMPONENTS, Component, Param, component
 
 __all__ = ["COMPONENTS", "Component", "Param", "component"]
 
-# Importing the families registers their components.
-from spec import attention, grouped_query_attention, scaled_dot_product_attention  # noqa: E402,F401
+
+def _register_families() -> None:
+    """Import every family module under spec/ (importing one registers its components)."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name != "registry":
+            importlib.import_module(f"spec.{info.name}")
+
+
+_register_families()

@@ -19,14 +19,14 @@ Math (e = d // h)
     q = x W_q^T + b_q          split into h heads:   (b, s, d) -> (b, h, s, e)
     k = c W_k^T + b_k          split into g heads:   (b, t, d) -> (b, g, t, e)    c = context, or x
     v = c W_v^T + b_v          split into g heads
-    a = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal)   (spec/scaled_dot_product_attention.py)
+    a = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal)   (spec/sdpa.py)
     out = merge_heads(a) W_o^T + b_o                  (b, h, s, e) -> (b, s, h*e)
 Heads are split as ``rearrange(y, "b s (h e) -> b h s e")``: head i owns features i*e .. (i+1)*e - 1
 of every projection, and merging puts them back in the same place.
 
 Conventions
 -----------
-All of spec/scaled_dot_product_attention.py (mask polarity True = may attend, bottom-right causal
+All of spec/sdpa.py (mask polarity True = may attend, bottom-right causal
 alignment, zeros for a query with no allowed key). SelfAttention is the one-head case, so its scale is
 1/sqrt(d). Every projection has a bias, as ``nn.MultiheadAttention`` and ``nn.Linear`` default to.
 
@@ -53,7 +53,7 @@ import numpy as np
 from einops import rearrange
 
 from spec.registry import Component, Param, component, same_shape_as_first_input
-from spec.scaled_dot_product_attention import scaled_dot_product_attention
+from spec.sdpa import scaled_dot_product_attention
 
 
 def projection_parameters(*, d_model: int, n_head: int, n_kv_head: int) -> dict[str, Param]:

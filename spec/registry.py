@@ -7,7 +7,9 @@ defining the same names (see README, "Check your own implementation").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+import importlib
+import pkgutil
+from typing import Any, Callable, Literal
 
 
 @dataclass(frozen=True)
@@ -60,3 +62,17 @@ def component(entry: Component) -> Component:
         raise ValueError(f"component {entry.name!r} is registered twice")
     COMPONENTS[entry.name] = entry
     return entry
+
+
+
+def export_families(package_name: str, package_path: list[str]) -> dict[str, Any]:
+    """Collect the components that a package's family modules list in ``__all__`` (implementations/,
+    adapters/pytorch/), so adding a family needs no edit to a shared file."""
+    names: dict[str, Any] = {}
+    for info in sorted(pkgutil.iter_modules(package_path), key=lambda i: i.name):
+        module = importlib.import_module(f"{package_name}.{info.name}")
+        for name in getattr(module, "__all__", []):
+            if name in names and names[name] is not getattr(module, name):
+                raise ValueError(f"{package_name}: {name} is exported by two family modules")
+            names[name] = getattr(module, name)
+    return names

@@ -1,4 +1,4 @@
-"""Scaled dot-product attention in PyTorch. Spec: spec/scaled_dot_product_attention.py."""
+"""Scaled dot-product attention in PyTorch. Spec: spec/sdpa.py."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor
+
+__all__ = ["scaled_dot_product_attention"]
 
 
 def causal_mask(s: int, t: int, *, device: torch.device | str | None = None) -> Tensor:

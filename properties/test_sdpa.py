@@ -1,4 +1,4 @@
-"""Properties of scaled_dot_product_attention. Spec: spec/scaled_dot_product_attention.py."""
+"""Properties of scaled_dot_product_attention. Spec: spec/sdpa.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import implementations
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
 from properties.probes import gradcheck, jacobian, math_backend, torch_has_enable_gqa
 from properties.strategies import AttentionConfig, as_mask, attention_configs, boolean_masks, seeds, tensor
-from spec import scaled_dot_product_attention as spec
+from spec import sdpa as spec
 
 pytestmark = pytest.mark.requires("scaled_dot_product_attention")
 AXES = "b h s e"

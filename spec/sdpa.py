@@ -38,7 +38,7 @@ Canonical parameters
 --------------------
 None: this is a function.
 
-Properties (properties/test_scaled_dot_product_attention.py)
+Properties (properties/test_sdpa.py)
 -----------------------------------------------------------
 agrees with this reference; agrees with ``F.scaled_dot_product_attention`` (math backend, with
 ``enable_gqa`` where torch has it); never leaks the future (outputs and exact zero Jacobian); depends on
@@ -59,7 +59,7 @@ SCALED_DOT_PRODUCT_ATTENTION = component(
     Component(
         name="scaled_dot_product_attention",
         kind="function",
-        family="scaled_dot_product_attention",
+        family="sdpa",
         summary="softmax(q k^T * scale, restricted to allowed keys) v",
         output_shape=lambda q, k, v, **kwargs: (*q.shape[:-1], v.shape[-1]),
     )
