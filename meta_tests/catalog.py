@@ -37,6 +37,7 @@ class Mutant:
     obj: Any
     caught_by: list[str]
     module: str = field(default="")
+    params: dict[str, Any] = field(default_factory=dict)
 
     def implementation(self) -> Implementation:
         return Implementation(f"mutant {self.name}", SimpleNamespace(**{self.provides: self.obj}), fallback=OURS)
@@ -48,8 +49,19 @@ class Mutant:
 MUTANTS: list[Mutant] = []
 
 
-def mutant(*, bug: str, caught_by: list[str], provides: str | None = None, name: str | None = None):
-    """Register the decorated function or class as a mutant of component ``provides``."""
+def mutant(
+    *,
+    bug: str,
+    caught_by: list[str],
+    provides: str | None = None,
+    name: str | None = None,
+    params: dict[str, Any] | None = None,
+):
+    """Register the decorated function or class as a mutant of component ``provides``.
+
+    ``params`` picks values for the properties' ``@pytest.mark.parametrize`` arguments (by name) where the
+    default choice (the mutant's component, float64, else the first value) would not show the bug.
+    """
 
     def register(obj: Any) -> Any:
         entry = Mutant(
@@ -59,6 +71,7 @@ def mutant(*, bug: str, caught_by: list[str], provides: str | None = None, name:
             obj=obj,
             caught_by=list(caught_by),
             module=obj.__module__,
+            params=dict(params or {}),
         )
         if any(m.name == entry.name for m in MUTANTS):
             raise ValueError(f"mutant {entry.name!r} is registered twice")
@@ -121,7 +134,9 @@ def arguments_for(prop: Callable, m: Mutant) -> dict[str, Any]:
     if "device" in wanted:
         args["device"] = "cpu"
     for name, values in params.items():
-        if name == "component":
+        if name in m.params:
+            args[name] = m.params[name]
+        elif name == "component":
             if m.provides not in values:
                 raise LookupError(f"{prop.__name__} does not apply to {m.provides} (it covers {values})")
             args[name] = m.provides
