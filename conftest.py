@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from properties.plugin import DEFAULT_TARGETS, ImplementationLoadError, load_implementation
 
@@ -27,16 +27,14 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Profiles. Deadlines are off: torch's first call of an op (kernel selection, lazy init, CUDA context)
 # takes far longer than the rest, and a deadline would flag warm-up, not the implementation.
 # too_slow stays on: our strategies draw small shapes, so a slow draw is a real problem.
-settings.register_profile("fast", max_examples=10, deadline=None, print_blob=True)
-settings.register_profile(
-    "ci",
-    max_examples=20,
-    deadline=None,
-    derandomize=True,  # CI replays the same examples every run: a red CI is never a coin toss
-    database=None,
-    print_blob=True,
-)
-settings.register_profile("thorough", max_examples=400, deadline=None, print_blob=True)
+# One failure per property (report_multiple_bugs=False) and no "explain" phase keep a report short: the
+# claim, the shrunk configuration, the error and the hint.
+QUIET = dict(deadline=None, print_blob=True, report_multiple_bugs=False,
+             phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink])
+settings.register_profile("fast", max_examples=10, **QUIET)
+# CI replays the same examples every run (derandomize): a red CI is never a coin toss.
+settings.register_profile("ci", max_examples=20, derandomize=True, database=None, **QUIET)
+settings.register_profile("thorough", max_examples=400, **QUIET)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 _ = HealthCheck  # health checks stay on everywhere; strategies build valid inputs instead of filtering
 

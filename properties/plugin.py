@@ -137,6 +137,7 @@ class CheckedFunction:
         self.entry, self.fn, self.label = entry, fn, label
 
     def __call__(self, *args: Tensor, **kwargs: Any) -> Tensor:
+        __tracebackhide__ = True
         return checked_call(self.entry, self.fn, self.label, self.entry.name, args, kwargs)
 
 
@@ -151,6 +152,7 @@ class CheckedModule:
         return f"{self.label}: {self.call}"
 
     def __call__(self, *args: Tensor, **kwargs: Any) -> Tensor:
+        __tracebackhide__ = True
         return checked_call(self.entry, self.module, self.label, self.call, args, kwargs)
 
     def expected_parameters(self) -> dict[str, Param]:
@@ -228,6 +230,7 @@ def draw_parameters(spec: dict[str, Param], seed: int) -> dict[str, Tensor]:
 def checked_call(
     entry: Component, fn: Callable, label: str, call: str, args: tuple, kwargs: dict[str, Any]
 ) -> Tensor:
+    __tracebackhide__ = True
     try:
         out = fn(*args, **kwargs)
     except ComponentFailure:
@@ -254,10 +257,15 @@ def checked_call(
     )
     if inputs_finite and out.is_floating_point() and not torch.isfinite(out).all():
         bad = (~torch.isfinite(out)).nonzero()
+        mask = kwargs.get("mask")
+        if isinstance(mask, Tensor) and mask.dtype == torch.bool and bool(mask.all()):
+            why = ("The mask allowed every key (all True), so check its polarity: "
+                   "True = may attend, as F.scaled_dot_product_attention reads it.")
+        else:
+            why = "A row whose keys are all masked must give zeros, not softmax over -inf."
         raise ComponentFailure(
             f"{label}: {call} returned {len(bad)} non-finite value(s) (NaN or inf) for finite inputs, "
-            f"first at index {tuple(bad[0].tolist())}. A row whose keys are all masked must give zeros, "
-            "not softmax over -inf."
+            f"first at index {tuple(bad[0].tolist())}. {why}"
         )
     return out
 

@@ -121,3 +121,12 @@ def padding_masks(draw, b: int, t: int) -> np.ndarray:
 
 def as_mask(mask: np.ndarray, device: str | torch.device) -> Tensor:
     return torch.as_tensor(mask, dtype=torch.bool, device=device)
+
+
+@st.composite
+def sequence_shapes(draw, *, max_b: int = 2, max_s: int = 4, min_d: int = 1, max_d: int = 6) -> tuple[int, int, int]:
+    """(b, s, d) for position-wise layers (norms, feed-forward): batch, positions, model width, drawn small."""
+    b = draw(st.integers(1, max_b), label="b")
+    s = draw(st.integers(1, max_s), label="s")
+    d = draw(st.integers(min_d, max_d), label="d")
+    return b, s, d
