@@ -6,6 +6,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from implementations.kv_cache import KVCache
 from implementations.sdpa import scaled_dot_product_attention
 
 __all__ = ["SelfAttention", "MultiHeadAttention", "CrossAttention"]
@@ -15,9 +16,11 @@ class ProjectedAttention(nn.Module):
     """Shared body of every attention module: project, split heads, attend, merge heads, project.
 
     Query heads h, key/value heads g (g divides h): MHA is g = h, MQA g = 1, GQA anything between.
+    ``rotary`` (a RotaryEmbedding, or None) rotates queries and keys at their absolute positions; a
+    ``cache`` (KVCache) passed to forward holds the keys and values of earlier positions.
     """
 
-    def __init__(self, *, d_model: int, n_head: int, n_kv_head: int) -> None:
+    def __init__(self, *, d_model: int, n_head: int, n_kv_head: int, rotary: nn.Module | None = None) -> None:
         super().__init__()
         if d_model <= 0 or n_head <= 0 or n_kv_head <= 0:
             raise ValueError(f"sizes must be positive: d_model={d_model}, n_head={n_head}, n_kv_head={n_kv_head}")
@@ -31,11 +34,20 @@ class ProjectedAttention(nn.Module):
         self.k = nn.Linear(d_model, n_kv_head * self.head_dim)
         self.v = nn.Linear(d_model, n_kv_head * self.head_dim)
         self.o = nn.Linear(n_head * self.head_dim, d_model)
+        self.rotary = rotary
 
-    def attend(self, x: Tensor, context: Tensor, *, mask: Tensor | None, causal: bool) -> Tensor:
+    def attend(
+        self, x: Tensor, context: Tensor, *, mask: Tensor | None, causal: bool, cache: KVCache | None = None
+    ) -> Tensor:
         q = rearrange(self.q(x), "b s (h e) -> b h s e", h=self.n_head)
         k = rearrange(self.k(context), "b t (g e) -> b g t e", g=self.n_kv_head)
         v = rearrange(self.v(context), "b t (g e) -> b g t e", g=self.n_kv_head)
+        start = 0 if cache is None else cache.length  # absolute position of this chunk's first token
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset=start), self.rotary(k, offset=start)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (b, g, start + t, e): earlier positions first
+        # Bottom-right causal alignment: chunk query j (position start + j) sees keys 0 .. start + j.
         a = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal)  # (b, h, s, e)
         return self.o(rearrange(a, "b h s e -> b s (h e)"))
 
@@ -43,11 +55,13 @@ class ProjectedAttention(nn.Module):
 class MultiHeadAttention(ProjectedAttention):
     """Multi-head self-attention; mask broadcastable to (b, h, s, s), True = may attend."""
 
-    def __init__(self, *, d_model: int, n_head: int) -> None:
-        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=n_head)
+    def __init__(self, *, d_model: int, n_head: int, rotary: nn.Module | None = None) -> None:
+        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=n_head, rotary=rotary)
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-        return self.attend(x, x, mask=mask, causal=causal)
+    def forward(
+        self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False, cache: KVCache | None = None
+    ) -> Tensor:
+        return self.attend(x, x, mask=mask, causal=causal, cache=cache)
 
 
 class SelfAttention(ProjectedAttention):

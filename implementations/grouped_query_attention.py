@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from implementations.attention import ProjectedAttention
+from implementations.kv_cache import KVCache
 
 __all__ = ["GroupedQueryAttention", "MultiQueryAttention"]
 
@@ -12,15 +13,17 @@ __all__ = ["GroupedQueryAttention", "MultiQueryAttention"]
 class GroupedQueryAttention(ProjectedAttention):
     """n_kv_head key/value heads shared by contiguous groups of n_head // n_kv_head query heads."""
 
-    def __init__(self, *, d_model: int, n_head: int, n_kv_head: int) -> None:
-        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=n_kv_head)
+    def __init__(self, *, d_model: int, n_head: int, n_kv_head: int, rotary: nn.Module | None = None) -> None:
+        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=n_kv_head, rotary=rotary)
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-        return self.attend(x, x, mask=mask, causal=causal)
+    def forward(
+        self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False, cache: KVCache | None = None
+    ) -> Tensor:
+        return self.attend(x, x, mask=mask, causal=causal, cache=cache)
 
 
 class MultiQueryAttention(GroupedQueryAttention):
     """One key/value head shared by every query head."""
 
-    def __init__(self, *, d_model: int, n_head: int) -> None:
-        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=1)
+    def __init__(self, *, d_model: int, n_head: int, rotary: nn.Module | None = None) -> None:
+        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=1, rotary=rotary)

@@ -92,9 +92,14 @@ class AttentionCase:
 
 
 @st.composite
-def attention_cases(draw, component: str, *, min_len: int = 1, max_len: int = 6, min_b: int = 1):
+def attention_cases(
+    draw, component: str, *, min_len: int = 1, max_len: int = 6, min_b: int = 1, even_head_dim: bool = False
+):
     heads, cross = HEADS[component]
-    cfg = draw(attention_configs(heads=heads, cross=cross, min_len=min_len, max_len=max_len), label="cfg")
+    cfg = draw(
+        attention_configs(heads=heads, cross=cross, min_len=min_len, max_len=max_len, even_head_dim=even_head_dim),
+        label="cfg",
+    )
     if cfg.b < min_b:
         cfg = AttentionConfig(b=min_b, s=cfg.s, t=cfg.t, h=cfg.h, g=cfg.g, e=cfg.e)
     return AttentionCase(component, cfg, draw(seeds(), label="seed"))

@@ -68,12 +68,14 @@ def attention_configs(
     max_h: int = 4,
     max_e: int = 4,
     min_len: int = 1,
+    even_head_dim: bool = False,
 ) -> AttentionConfig:
     """Attention sizes.
 
     heads:  "single" (h = g = 1), "mha" (g = h), "mqa" (g = 1), "gqa" (any g dividing h, h >= 2)
             or "grouped" (g a proper divisor of h, 1 < g < h, so the head mapping matters).
     cross:  keys come from another sequence, so t is drawn apart from s; otherwise t = s.
+    even_head_dim: draw an even head width (RoPE rotates pairs of dimensions).
     """
     b = draw(st.integers(1, max_b), label="b")
     s = draw(st.integers(min_len, max_len), label="s")
@@ -87,7 +89,7 @@ def attention_configs(
     else:
         h = draw(st.integers(2 if heads == "gqa" else 1, max_h), label="h")
         g = {"mha": h, "mqa": 1}.get(heads) or draw(st.sampled_from(_divisors(h)), label="g")
-    e = draw(st.integers(1, max_e), label="e")
+    e = 2 * draw(st.integers(1, max_e // 2), label="e/2") if even_head_dim else draw(st.integers(1, max_e), label="e")
     return AttentionConfig(b=b, s=s, t=t, h=h, g=g, e=e)
 
 
@@ -130,3 +132,16 @@ def sequence_shapes(draw, *, max_b: int = 2, max_s: int = 4, min_d: int = 1, max
     s = draw(st.integers(1, max_s), label="s")
     d = draw(st.integers(min_d, max_d), label="d")
     return b, s, d
+
+
+@st.composite
+def chunkings(draw, total: int) -> list[int]:
+    """Ways to cut ``total`` positions into consecutive chunks (a prefill, then more), e.g. 6 -> [3, 1, 2].
+
+    Shrinks towards one chunk; one token at a time ([1] * total) is drawn explicitly now and then.
+    """
+    if total > 1 and draw(st.booleans(), label="one_token_at_a_time"):
+        return [1] * total
+    cuts = draw(st.sets(st.integers(1, total - 1), max_size=total - 1), label="cuts") if total > 1 else set()
+    bounds = [0, *sorted(cuts), total]
+    return [b - a for a, b in zip(bounds, bounds[1:])]

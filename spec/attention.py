@@ -2,9 +2,13 @@
 
 Signatures (constructors are keyword-only)
 -------------------------------------------
-    SelfAttention(*, d_model)                   .forward(x, *, mask=None, causal=False)
-    MultiHeadAttention(*, d_model, n_head)      .forward(x, *, mask=None, causal=False)
-    CrossAttention(*, d_model, n_head)          .forward(x, context, *, mask=None)
+    SelfAttention(*, d_model)                              .forward(x, *, mask=None, causal=False)
+    MultiHeadAttention(*, d_model, n_head, rotary=None)    .forward(x, *, mask=None, causal=False, cache=None)
+    CrossAttention(*, d_model, n_head)                     .forward(x, context, *, mask=None)
+``rotary`` (a RotaryEmbedding, spec/rotary_embedding.py) rotates queries and keys at their absolute
+positions after projection; ``cache`` (a KVCache, spec/kv_cache.py) holds the keys and values of earlier
+positions, so the chunk x sits at positions cache.length .. cache.length + s - 1. Both are optional: the
+properties here use neither; properties/test_kv_cache.py checks them.
 
 Shapes
 ------
@@ -77,7 +81,7 @@ SELF_ATTENTION = component(
         kind="module",
         family="attention",
         summary="single-head self-attention",
-        parameters=lambda *, d_model: projection_parameters(d_model=d_model, n_head=1, n_kv_head=1),
+        parameters=lambda *, d_model, **_: projection_parameters(d_model=d_model, n_head=1, n_kv_head=1),
         output_shape=same_shape_as_first_input,
     )
 )
@@ -87,7 +91,7 @@ MULTI_HEAD_ATTENTION = component(
         kind="module",
         family="attention",
         summary="multi-head self-attention",
-        parameters=lambda *, d_model, n_head: projection_parameters(
+        parameters=lambda *, d_model, n_head, **_: projection_parameters(
             d_model=d_model, n_head=n_head, n_kv_head=n_head
         ),
         output_shape=same_shape_as_first_input,
@@ -99,7 +103,7 @@ CROSS_ATTENTION = component(
         kind="module",
         family="attention",
         summary="multi-head cross-attention (queries from x, keys and values from context)",
-        parameters=lambda *, d_model, n_head: projection_parameters(
+        parameters=lambda *, d_model, n_head, **_: projection_parameters(
             d_model=d_model, n_head=n_head, n_kv_head=n_head
         ),
         output_shape=same_shape_as_first_input,

@@ -2,8 +2,9 @@
 
 Signatures (constructors are keyword-only)
 -------------------------------------------
-    MultiQueryAttention(*, d_model, n_head)               .forward(x, *, mask=None, causal=False)
-    GroupedQueryAttention(*, d_model, n_head, n_kv_head)  .forward(x, *, mask=None, causal=False)
+    MultiQueryAttention(*, d_model, n_head, rotary=None)               .forward(x, *, mask=None, causal=False, cache=None)
+    GroupedQueryAttention(*, d_model, n_head, n_kv_head, rotary=None)  .forward(x, *, mask=None, causal=False, cache=None)
+(``rotary`` and ``cache`` as in spec/attention.py.)
 
 Shapes
 ------
@@ -51,7 +52,7 @@ MULTI_QUERY_ATTENTION = component(
         kind="module",
         family="grouped_query_attention",
         summary="multi-query attention (one key/value head)",
-        parameters=lambda *, d_model, n_head: projection_parameters(
+        parameters=lambda *, d_model, n_head, **_: projection_parameters(
             d_model=d_model, n_head=n_head, n_kv_head=1
         ),
         output_shape=same_shape_as_first_input,
@@ -63,7 +64,7 @@ GROUPED_QUERY_ATTENTION = component(
         kind="module",
         family="grouped_query_attention",
         summary="grouped-query attention (n_kv_head key/value heads, contiguous groups)",
-        parameters=lambda *, d_model, n_head, n_kv_head: projection_parameters(
+        parameters=lambda *, d_model, n_head, n_kv_head, **_: projection_parameters(
             d_model=d_model, n_head=n_head, n_kv_head=n_kv_head
         ),
         output_shape=same_shape_as_first_input,

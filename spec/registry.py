@@ -32,7 +32,8 @@ class Component:
     """One spec'd component.
 
     name:        the name an implementation module must define (a class or a function).
-    kind:        "module" (an ``nn.Module`` subclass built with keyword arguments) or "function".
+    kind:        "module" (an ``nn.Module`` subclass built with keyword arguments), "function", or
+                 "class" (a helper object such as the KV cache, built with keyword arguments).
     family:      the file stem shared by spec/, implementations/ and properties/.
     summary:     one line for reports.
     parameters:  for modules, the canonical parameters given the constructor's keyword arguments.
@@ -41,7 +42,7 @@ class Component:
     """
 
     name: str
-    kind: Literal["module", "function"]
+    kind: Literal["module", "function", "class"]
     family: str
     summary: str
     parameters: Callable[..., dict[str, Param]] | None = field(default=None, compare=False)

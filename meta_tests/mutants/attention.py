@@ -20,7 +20,7 @@ from meta_tests.mutants.sdpa import buggy_sdpa
 def buggy_attend(bug: str):
     sdpa = buggy_sdpa("inplace_masked_fill_after_softmax") if bug == "inplace_mask" else scaled_dot_product_attention
 
-    def attend(self, x, context, *, mask, causal):
+    def attend(self, x, context, *, mask, causal, cache=None):
         b, s, _ = x.shape
         t = context.shape[1]
         h, g, e = self.n_head, self.n_kv_head, self.head_dim
@@ -97,12 +97,12 @@ _mutant_of(GroupedQueryAttention, "output_in_float32", "the output is cast to fl
 class _UpsideDownCausalMHA(MultiHeadAttention):
     """Causal mask built with triu: every query sees the future and not the past."""
 
-    def attend(self, x, context, *, mask, causal):
+    def attend(self, x, context, *, mask, causal, cache=None):
         if causal:
             s = x.shape[1]
             mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu()
             causal = False
-        return super().attend(x, context, mask=mask, causal=causal)
+        return super().attend(x, context, mask=mask, causal=causal, cache=cache)
 
 
 mutant(name="MultiHeadAttention_causal_upside_down", bug="causal mask built with triu (future visible, past hidden)",

@@ -18,7 +18,7 @@ from meta_tests.catalog import mutant
     provides="GroupedQueryAttention",
 )
 class RoundRobinGQA(GroupedQueryAttention):
-    def attend(self, x, context, *, mask, causal):
+    def attend(self, x, context, *, mask, causal, cache=None):
         r = self.n_head // self.n_kv_head
         q = rearrange(self.q(x), "b s (h e) -> b h s e", h=self.n_head)
         k = repeat(self.k(context), "b t (g e) -> b (r g) t e", g=self.n_kv_head, r=r)
@@ -75,7 +75,7 @@ class MhaAsMqa(ProjectedAttention):
 class SwappedHeadsGQA(GroupedQueryAttention):
     """Reverses the KV heads before repeating: right sizes, wrong pairing of query and KV heads."""
 
-    def attend(self, x, context, *, mask, causal):
+    def attend(self, x, context, *, mask, causal, cache=None):
         q = rearrange(self.q(x), "b s (h e) -> b h s e", h=self.n_head)
         k = rearrange(self.k(context), "b t (g e) -> b g t e", g=self.n_kv_head).flip(1)
         v = rearrange(self.v(context), "b t (g e) -> b g t e", g=self.n_kv_head).flip(1)
