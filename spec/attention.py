@@ -120,8 +120,14 @@ def attention(
     n_kv_head: int | None = None,
     mask: np.ndarray | None = None,
     causal: bool = False,
+    rotary=None,
 ) -> np.ndarray:
-    """The float64 reference shared by every attention module (MHA, MQA, GQA, cross, single-head)."""
+    """The float64 reference shared by every attention module (MHA, MQA, GQA, cross, single-head).
+
+    ``rotary``, if given, maps a (b, h, s, e) array to itself rotated at positions 0 .. s - 1 (e.g.
+    ``functools.partial(spec.rotary_embedding.rotary_embedding, base=..., pairing=...)``); it is applied
+    to queries and keys after projection.
+    """
     p = {name: np.asarray(value, dtype=np.float64) for name, value in params.items()}
     x = np.asarray(x, dtype=np.float64)
     c = x if context is None else np.asarray(context, dtype=np.float64)
@@ -132,6 +138,8 @@ def attention(
         return rearrange(y, "b s (h e) -> b h s e", h=heads)
 
     q, k, v = project(x, "q", n_head), project(c, "k", n_kv_head), project(c, "v", n_kv_head)
+    if rotary is not None:
+        q, k = rotary(q), rotary(k)
     a = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal)
     return rearrange(a, "b h s e -> b s (h e)") @ p["o.weight"].T + p["o.bias"]
 
