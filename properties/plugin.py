@@ -261,8 +261,10 @@ def checked_call(
         if isinstance(mask, Tensor) and mask.dtype == torch.bool and bool(mask.all()):
             why = ("The mask allowed every key (all True), so check its polarity: "
                    "True = may attend, as F.scaled_dot_product_attention reads it.")
+        elif any(isinstance(a, Tensor) and a.dtype == torch.bool for a in (*args, *kwargs.values())):
+            why = "A row whose entries are all masked must give zeros, not softmax over -inf."
         else:
-            why = "A row whose keys are all masked must give zeros, not softmax over -inf."
+            why = "Look for 0/0 (a missing eps) or an overflowing exp (subtract the row maximum first)."
         raise ComponentFailure(
             f"{label}: {call} returned {len(bad)} non-finite value(s) (NaN or inf) for finite inputs, "
             f"first at index {tuple(bad[0].tolist())}. {why}"

@@ -6,8 +6,9 @@ Conventions converted here (and only here):
 * Half precision: the spec computes norms of float16/bfloat16 inputs in float32 and casts back. Whether
   ``nn.RMSNorm`` does so has depended on the torch version and backend (pytorch PR #133085), so
   ``RMSNorm`` here runs ``F.rms_norm`` on float32 copies of x and the weight for half inputs and casts
-  the result back. This is the one place the adapter adds arithmetic; float32 and float64 go to torch
-  untouched. ``nn.LayerNorm`` accumulates in float32 for half inputs on its own and is not wrapped.
+  the result back (torch 2.11 on CUDA and 2.13 on the CPU already compute it in float32, so there the
+  wrapper changes nothing; older versions need it). This is the one place the adapter adds arithmetic;
+  float32 and float64 go to torch untouched. ``nn.LayerNorm`` accumulates in float32 for half inputs on its own and is not wrapped.
 The canonical names ("weight", "bias") are nn.LayerNorm's and nn.RMSNorm's own, so no mapping is needed.
 ``RMSNorm`` is exported only when the installed torch has ``nn.RMSNorm`` (2.4 and later).
 """

@@ -1,0 +1,35 @@
+"""Print the README's catalog of properties, from the properties' own docstrings.
+
+    python -m meta_tests.readme_catalog
+
+``meta_tests/test_mutants.py`` checks that the README names every property, so the catalog cannot drift.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from meta_tests.catalog import all_properties, load_catalog
+
+
+def first_sentence(fn) -> str:
+    doc = inspect.getdoc(fn) or ""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def catalog_markdown() -> str:
+    mutants = load_catalog()
+    by_module: dict[str, list[str]] = {}
+    for name, fn in sorted(all_properties().items(), key=lambda kv: (kv[1].__module__, kv[1].__code__.co_firstlineno)):
+        catching = sorted(m.name for m in mutants if name in m.caught_by)
+        by_module.setdefault(fn.__module__.split(".")[-1], []).append(
+            f"| `{name}` | {first_sentence(fn)} | {len(catching)} |"
+        )
+    out = []
+    for module, rows in by_module.items():
+        out += [f"#### properties/{module}.py", "", "| property | claim | mutants caught |", "|---|---|---|", *rows, ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(catalog_markdown())
