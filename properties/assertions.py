@@ -51,6 +51,8 @@ def fail(claim: str, detail: str, hint: str | None = None) -> None:
 
 
 def _largest_error(actual: Tensor, expected: Tensor, axes: str | None) -> tuple[float, str]:
+    if actual.numel() == 0:
+        return 0.0, "(empty)"
     diff = (actual - expected).abs()
     diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
     flat = int(diff.argmax())
@@ -91,6 +93,11 @@ def assert_close(
     __tracebackhide__ = True
     expected = _as_tensor(expected).to(device=actual.device, dtype=torch.float64)
     _check_shapes(actual, expected, claim)
+    # The rule follows the dtype the computation ran in (the baseline's, or float64 without one), so an
+    # output silently returned in another dtype is reported, not judged by a looser rule.
+    ran_in = torch.float64 if baseline is None else baseline.dtype
+    if actual.dtype != ran_in:
+        fail(claim, f"the output is {actual.dtype}, but the computation ran in {ran_in}", hint)
     a = actual.detach().double()
     err, where = _largest_error(a, expected, axes)
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
