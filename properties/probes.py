@@ -57,3 +57,18 @@ def math_backend() -> Iterator[None]:
 
 def torch_has_enable_gqa() -> bool:
     return "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
+
+
+def expect_value_error(call: Callable[[], object], *, claim: str, hint: str, what: str = "it returned") -> ValueError:
+    """Run ``call`` (on the raw component: the suite's wrapper would turn the error into a failure) and
+    require a ValueError; return it so the property can check its message."""
+    __tracebackhide__ = True
+    try:
+        result = call()
+    except ValueError as exc:
+        return exc
+    except Exception as exc:
+        fail(claim, f"it raised {type(exc).__name__}: {exc}, not ValueError", hint)
+    shown = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
+    fail(claim, f"{what} {shown} instead of raising", hint)
+    raise AssertionError("unreachable")

@@ -7,9 +7,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from properties.assertions import assert_close, assert_equal, assert_true, fail
+from properties.assertions import assert_close, assert_equal, assert_true
 from properties.attention_cases import attention_cases
 from properties.plugin import ComponentFailure, Implementation, describe_call
+from properties.probes import expect_value_error
 from properties.strategies import chunkings, seeds, tensor
 from spec.kv_cache import cache_storage_shape, split_points
 
@@ -114,15 +115,12 @@ def test_kv_cache_rejects_appending_past_its_capacity(impl, case, extra):
     c = case.cfg
     cache = new_cache(impl, batch_size=c.b, n_kv_head=c.g, head_dim=c.e, capacity=c.s, dtype=torch.float64, device="cpu")
     k = tensor(case.seed, c.b, c.g, c.s + extra, c.e, dtype=torch.float64, device="cpu")
-    try:
-        cache.update(k, k.clone())
-    except ValueError:
-        return
-    except Exception as exc:
-        fail(f"a KV cache of capacity {c.s} rejects {c.s + extra} positions with ValueError",
-             f"it raised {type(exc).__name__}: {exc}", "raise ValueError with the numbers, before writing.")
-    fail(f"a KV cache of capacity {c.s} rejects {c.s + extra} positions with ValueError",
-         "the update succeeded", "check length + new <= capacity before writing.")
+    expect_value_error(
+        lambda: cache.update(k, k.clone()),
+        claim=f"a KV cache of capacity {c.s} rejects {c.s + extra} positions with ValueError",
+        hint="check length + new <= capacity before writing, and raise ValueError with the numbers.",
+        what="update returned a",
+    )
 
 
 @pytest.mark.parametrize("component", CACHED_MODULES)
