@@ -35,3 +35,21 @@ def test_every_mutant_names_a_spec_component_and_a_property():
     for m in MUTANTS:
         assert m.provides in COMPONENTS, f"mutant {m.name} stands in for unknown component {m.provides}"
         assert m.caught_by, f"mutant {m.name} names no property that catches it"
+
+
+def test_every_property_declares_the_components_it_needs():
+    """A property names its components (a `component` parameter or a `requires` marker), so that an
+    implementation without them is skipped at collection with "<name> is not provided by <module>"."""
+    import sys
+
+    undeclared = []
+    for name, fn in PROPERTIES.items():
+        module_marks = getattr(sys.modules[fn.__module__], "pytestmark", [])
+        module_marks = module_marks if isinstance(module_marks, list) else [module_marks]
+        marks = list(getattr(fn, "pytestmark", [])) + [getattr(m, "mark", m) for m in module_marks]
+        declared = any(m.name == "requires" for m in marks) or any(
+            m.name == "parametrize" and "component" in str(m.args[0]) for m in marks
+        )
+        if not declared:
+            undeclared.append(name)
+    assert not undeclared, f"these properties do not declare their components: {undeclared}"

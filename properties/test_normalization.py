@@ -142,6 +142,7 @@ def test_norm_is_invariant_to_positive_rescaling(impl, component, shape, seed, f
     )
 
 
+@pytest.mark.requires("LayerNorm")
 @given(shape=sequence_shapes(), seed=seeds(), magnitude=st.sampled_from([1.0, 30.0]), eps=st.sampled_from([None, 1e-2]))
 def test_layer_norm_is_invariant_to_shifting_each_row(impl, shape, seed, magnitude, eps):
     """LayerNorm(x + c) = LayerNorm(x) for a constant c per row, for every eps (the mean absorbs c and
@@ -160,6 +161,7 @@ def test_layer_norm_is_invariant_to_shifting_each_row(impl, shape, seed, magnitu
     )
 
 
+@pytest.mark.requires("LayerNorm")
 @given(shape=sequence_shapes(min_d=2), seed=seeds(), eps=st.sampled_from([None, 1e-2]))
 def test_layer_norm_rows_have_mean_zero_and_unit_variance(impl, shape, seed, eps):
     """With weight 1 and bias 0 every output row has mean 0 and biased variance var / (var + eps), which
@@ -187,6 +189,7 @@ def test_layer_norm_rows_have_mean_zero_and_unit_variance(impl, shape, seed, eps
     )
 
 
+@pytest.mark.requires("LayerNorm")
 @given(shape=sequence_shapes(), seed=seeds())
 def test_layer_norm_affine_acts_elementwise(impl, shape, seed):
     """LayerNorm(x) = weight * LayerNorm_identity(x) + bias, feature by feature.
@@ -205,6 +208,7 @@ def test_layer_norm_affine_acts_elementwise(impl, shape, seed):
     )
 
 
+@pytest.mark.requires("LayerNorm")
 @given(shape=sequence_shapes(), seed=seeds(), value=st.sampled_from([0.0, 0.7, -3.0]))
 def test_layer_norm_of_a_constant_row_is_the_bias(impl, shape, seed, value):
     """A constant row has x - mean = 0 and variance 0, so it normalises to 0 (finite, thanks to eps > 0)
@@ -246,6 +250,7 @@ def test_norm_rows_are_independent(impl, component, shape, seed, data):
     )
 
 
+@pytest.mark.requires("RMSNorm")
 @given(shape=sequence_shapes(), seed=seeds())
 def test_rms_norm_is_odd(impl, shape, seed):
     """RMSNorm(-x) = -RMSNorm(x), exactly: mean(x^2) does not see the sign and everything else is a
@@ -262,6 +267,7 @@ def test_rms_norm_is_odd(impl, shape, seed):
     )
 
 
+@pytest.mark.requires("RMSNorm")
 @given(shape=sequence_shapes(), seed=seeds(), shift=st.sampled_from([0.5, 1.0, -2.0]), eps=st.sampled_from([None, 1e-2]))
 def test_rms_norm_does_not_subtract_the_mean(impl, shape, seed, shift, eps):
     """RMSNorm is not shift-invariant (a LayerNorm handed in as RMSNorm fails here): for a row x with
@@ -285,6 +291,7 @@ def test_rms_norm_does_not_subtract_the_mean(impl, shape, seed, shift, eps):
     )
 
 
+@pytest.mark.requires("RMSNorm")
 @given(shape=sequence_shapes(), seed=seeds(), eps=st.sampled_from([None, 1e-2]))
 def test_rms_norm_output_has_unit_rms(impl, shape, seed, eps):
     """With weight 1 each output row has root mean square sqrt(ms / (ms + eps)) (ms = mean(x^2) of the
@@ -304,6 +311,7 @@ def test_rms_norm_output_has_unit_rms(impl, shape, seed, eps):
     )
 
 
+@pytest.mark.requires("RMSNorm")
 @given(shape=sequence_shapes(), seed=seeds())
 def test_rms_norm_of_the_zero_row_is_zero(impl, device, shape, seed):
     """RMSNorm maps the zero row to exactly zero: 0 * (1 / sqrt(0 + eps)) * weight = 0.
