@@ -61,6 +61,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.implementations = [load_implementation(t) for t in (targets or DEFAULT_TARGETS)]
     except ImplementationLoadError as exc:
         raise pytest.UsageError(str(exc)) from None
+    # The suite's tensors are tiny: torch's intra-op threads cost far more than they save, and under
+    # `pytest -n auto` every core already runs a worker (2 workers x 2 threads made a 1 ms forward 100x slower).
+    torch.set_num_threads(1)
     # Exactness claims must not meet TF32 matmuls (off by default for matmul, on for cuDNN convolutions).
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -157,6 +157,9 @@ def quick_settings(prop: Callable) -> Iterator[None]:
     """Run a property without shrinking or the example database: the meta test needs *a* failure, not
     the smallest one, and must not leave mutants' examples behind. Hypothesis keeps a test's settings on
     this attribute (its pytest plugin adjusts it the same way)."""
+    if not hasattr(prop, "_hypothesis_internal_use_settings"):  # a plain test (learnability): nothing to adjust
+        yield
+        return
     original = prop._hypothesis_internal_use_settings
     prop._hypothesis_internal_use_settings = settings(
         original,

@@ -51,7 +51,7 @@ class ComponentFailure(AssertionError):
     type or shape, produced NaN, or its parameters do not match the spec. Reported as a property failure."""
 
 
-def _where(exc: BaseException) -> str:
+def where_raised(exc: BaseException) -> str:
     """'file.py:12 in forward' for the innermost frame of an exception, to point the learner at it."""
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
@@ -119,7 +119,7 @@ class Implementation:
                 module = cls(**config)
             except Exception as exc:
                 raise ComponentFailure(
-                    f"{self.label}: constructing {call} raised {type(exc).__name__}: {exc}{_where(exc)}. "
+                    f"{self.label}: constructing {call} raised {type(exc).__name__}: {exc}{where_raised(exc)}. "
                     "The suite builds every component with the spec's keyword arguments."
                 ) from None
         if not isinstance(module, nn.Module):
@@ -204,7 +204,7 @@ class CheckedModule:
                     self.module.load_canonical_state_dict(params)
             except Exception as exc:
                 raise ComponentFailure(
-                    f"{self}: load_canonical_state_dict raised {type(exc).__name__}: {exc}{_where(exc)}"
+                    f"{self}: load_canonical_state_dict raised {type(exc).__name__}: {exc}{where_raised(exc)}"
                 ) from None
             return
         state = self.canonical_state()
@@ -240,7 +240,7 @@ def checked_call(
         raise
     except Exception as exc:
         raise ComponentFailure(
-            f"{label}: {call} raised {type(exc).__name__}: {exc}{_where(exc)}; "
+            f"{label}: {call} raised {type(exc).__name__}: {exc}{where_raised(exc)}; "
             f"it was called with {describe_arguments(args, kwargs)}"
         ) from None
     if not isinstance(out, Tensor):
@@ -351,4 +351,4 @@ def _import_file(path: Path) -> ModuleType:
 
 
 def _import_failure(target: str, exc: BaseException) -> str:
-    return f"--impl {target} failed to import: {type(exc).__name__}: {exc}{_where(exc)}"
+    return f"--impl {target} failed to import: {type(exc).__name__}: {exc}{where_raised(exc)}"
