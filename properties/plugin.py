@@ -158,6 +158,23 @@ class CheckedModule:
         __tracebackhide__ = True
         return checked_call(self.entry, self.module, self.label, self.call, args, kwargs)
 
+    def method(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call another method of the module (``generate``, ``encode``, ``new_cache``, ...), reporting a
+        missing method, an exception or a non-finite tensor result as the component's failure."""
+        __tracebackhide__ = True
+        fn = getattr(self.module, name, None)
+        if fn is None:
+            raise ComponentFailure(f"{self}: has no method {name!r}, which the spec's {self.entry.name} defines")
+        try:
+            out = fn(*args, **kwargs)
+        except ComponentFailure:
+            raise
+        except Exception as exc:
+            raise ComponentFailure(f"{self}: .{name} raised {type(exc).__name__}: {exc}{where_raised(exc)}") from None
+        if isinstance(out, Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+            raise ComponentFailure(f"{self}: .{name} returned non-finite values")
+        return out
+
     def expected_parameters(self) -> dict[str, Param]:
         assert self.entry.parameters is not None, f"{self.entry.name} has no canonical parameters"
         return self.entry.parameters(**self.config)

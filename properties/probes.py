@@ -72,3 +72,25 @@ def expect_value_error(call: Callable[[], object], *, claim: str, hint: str, wha
     shown = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
     fail(claim, f"{what} {shown} instead of raising", hint)
     raise AssertionError("unreachable")
+
+
+def assert_parameters_get_finite_gradients(
+    params: dict[str, Tensor], *, claim: str, hint: str, nonzero: str = "matrices"
+) -> None:
+    """After a backward pass: every parameter has a finite gradient, and a nonzero one for every matrix
+    (``nonzero="matrices"``) or for every parameter (``"all"``).
+
+    "matrices" is the rule for anything with attention: the key bias adds q.b_k to every score of a row,
+    which softmax cancels, so its exact gradient is zero; that is a fact, not a bug.
+    """
+    __tracebackhide__ = True
+    problems = []
+    for name, p in params.items():
+        if p.grad is None:
+            problems.append(f"{name}: no gradient")
+        elif not torch.isfinite(p.grad).all():
+            problems.append(f"{name}: non-finite gradient")
+        elif (nonzero == "all" or p.dim() >= 2) and not bool((p.grad != 0).any()):
+            problems.append(f"{name}: zero gradient")
+    if problems:
+        fail(claim, "; ".join(problems), hint)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
 from properties.attention_cases import ATTENTION_MODULES, OURS, SELF_ATTENTION_MODULES, attention_cases, masks_for
 from properties.plugin import backward
-from properties.probes import gradcheck, jacobian
+from properties.probes import assert_parameters_get_finite_gradients, gradcheck, jacobian
 from properties.strategies import Mask, boolean_masks, padding_masks, tensor
 
 AXES = "b s d"
@@ -286,17 +286,9 @@ def test_every_attention_parameter_gets_a_finite_gradient(impl, device, componen
     x, context = case.inputs(device)
     out = case.call(module, x, context)
     backward((out * tensor(case.seed + 9, *out.shape, dtype=out.dtype, device=device)).sum(), module)
-    problems = []
-    for name, p in module.module.named_parameters():
-        if p.grad is None:
-            problems.append(f"{name}: no gradient")
-        elif not torch.isfinite(p.grad).all():
-            problems.append(f"{name}: non-finite gradient")
-        elif p.dim() >= 2 and not p.grad.abs().sum() > 0:
-            problems.append(f"{name}: zero gradient")
-    assert_true(
-        not problems, claim=f"{case}: every parameter receives a finite gradient (nonzero for matrices)",
-        detail="; ".join(problems),
+    assert_parameters_get_finite_gradients(
+        dict(module.module.named_parameters()),
+        claim=f"{case}: every parameter receives a finite gradient (nonzero for matrices)",
         hint="a parameter without gradient is unused or cut off by .detach() / torch.no_grad().",
     )
 

@@ -110,15 +110,6 @@ def reference(model: CheckedModule, cfg: LMConfig, tokens: Tensor, mask: Tensor 
                            tie_weights=cfg.tie, mask=None if mask is None else mask.cpu().numpy())
 
 
-def method(model: CheckedModule, name: str, *args, **kwargs):
-    """Call model.module.<name>(...), reporting an exception as the component's failure."""
-    __tracebackhide__ = True
-    try:
-        return getattr(model.module, name)(*args, **kwargs)
-    except Exception as exc:
-        raise ComponentFailure(f"{model}: {name} raised {type(exc).__name__}: {exc}") from None
-
-
 def logits_of(model: CheckedModule, cfg: LMConfig, tokens: Tensor, **kwargs) -> Tensor:
     """model(tokens, ...) with the spec's output shape (b, s, n) checked."""
     __tracebackhide__ = True
@@ -140,7 +131,7 @@ def greedy_reference(model: CheckedModule, prompt: Tensor, max_new_tokens: int) 
 
 def generated(model: CheckedModule, cfg: LMConfig, prompt: Tensor, new: int, **kwargs) -> Tensor:
     __tracebackhide__ = True
-    out = method(model, "generate", prompt, max_new_tokens=new, **kwargs)
+    out = model.method("generate", prompt, max_new_tokens=new, **kwargs)
     want = (prompt.shape[0], prompt.shape[1] + new)
     if not isinstance(out, Tensor) or tuple(out.shape) != want:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -218,7 +209,7 @@ def test_decoder_only_lm_cached_logits_equal_the_full_pass(impl, device, heads, 
     model = cfg.build(impl, device)
     tokens = cfg.tokens(device)
     full = logits_of(model, cfg, tokens)
-    cache = method(model, "new_cache", batch_size=cfg.b, capacity=cfg.max_len)
+    cache = model.method("new_cache", batch_size=cfg.b, capacity=cfg.max_len)
     pieces = [logits_of(model, cfg, tokens[:, a:b], cache=cache) for a, b in split_points(cfg.s, chunks)]
     assert_close(
         torch.cat(pieces, dim=1), full, axes=AXES,
@@ -295,7 +286,7 @@ def test_new_cache_sizes_follow_spec(impl, cfg, capacity, dtype):
     Hint: size the caches with n_kv_head (not n_head) and head_dim = d_model // n_head.
     """
     model = cfg.build(impl, dtype=dtype)
-    caches = method(model, "new_cache", batch_size=cfg.b, capacity=capacity)
+    caches = model.method("new_cache", batch_size=cfg.b, capacity=capacity)
     want = cache_storage_shape(batch_size=cfg.b, n_kv_head=cfg.kv_heads, head_dim=cfg.e, capacity=capacity)
     got = [(tuple(getattr(c, "keys", torch.empty(0)).shape), tuple(getattr(c, "values", torch.empty(0)).shape),
             getattr(getattr(c, "keys", None), "dtype", None), getattr(c, "length", None)) for c in caches]

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
+from properties.probes import assert_parameters_get_finite_gradients
 from properties.attention_cases import OURS
-from properties.plugin import COMPONENTS, CheckedModule, ComponentFailure, Implementation, where_raised, backward
+from properties.plugin import COMPONENTS, CheckedModule, Implementation, backward
 from properties.strategies import chunkings, padding_masks, seeds
 from spec.encoder_decoder import encoder_decoder_model
 from spec.kv_cache import split_points
@@ -86,23 +87,6 @@ def encoder_decoder_cases(draw, *, min_t: int = 1, min_s: int = 1, min_b: int = 
 def as_mask(keep, device) -> Tensor | None:
     return None if keep is None else torch.as_tensor(np.asarray(keep), dtype=torch.bool, device=device)
 
-
-def method(model: CheckedModule, name: str, *args, **kwargs):
-    """Call one of the model's methods (encode, decode, new_cache, generate), reporting errors plainly."""
-    __tracebackhide__ = True
-    fn = getattr(model.module, name, None)
-    if fn is None:
-        raise ComponentFailure(f"{model}: has no method {name}; the spec's EncoderDecoderModel defines "
-                               "encode, decode, new_cache and generate")
-    try:
-        out = fn(*args, **kwargs)
-    except ComponentFailure:
-        raise
-    except Exception as exc:
-        raise ComponentFailure(f"{model}: .{name} raised {type(exc).__name__}: {exc}{where_raised(exc)}") from None
-    if isinstance(out, Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
-        raise ComponentFailure(f"{model}: .{name} returned non-finite values")
-    return out
 
 
 def logits_of(model: CheckedModule, src: Tensor, tgt: Tensor, *, src_mask=None, tgt_mask=None) -> Tensor:
@@ -177,12 +161,12 @@ def test_encoder_decoder_memory_sees_every_source_position(impl, case):
     position, before it and after it."""
     model = case.build(impl)
     src = case.src()
-    memory = method(model, "encode", src)
+    memory = model.method("encode", src)
     unseen = []
     for j in range(case.t):
         other = src.clone()
         other[:, j] = (src[:, j] + 1) % case.n_src
-        reached = changed(method(model, "encode", other), memory, dims=(2,))  # (b, t)
+        reached = changed(model.method("encode", other), memory, dims=(2,))  # (b, t)
         unseen += [(j, i) for i in range(case.t) if not bool(reached[:, i].all())]
     assert_true(not unseen, claim=f"{case}: the memory at every position depends on every source token",
                 detail=f"(changed source position, unchanged memory position): {unseen}",
@@ -233,10 +217,10 @@ def test_encoder_decoder_cached_decoding_equals_teacher_forcing(impl, case, data
     model = case.build(impl)
     src, tgt = case.src(), case.tgt()
     src_mask = as_mask(keep, "cpu")
-    memory = method(model, "encode", src, src_mask=src_mask)
-    full = method(model, "decode", tgt, memory, src_mask=src_mask)
-    cache = method(model, "new_cache", batch_size=case.b, capacity=case.s)
-    pieces = [method(model, "decode", tgt[:, a:b], memory, src_mask=src_mask, cache=cache)
+    memory = model.method("encode", src, src_mask=src_mask)
+    full = model.method("decode", tgt, memory, src_mask=src_mask)
+    cache = model.method("new_cache", batch_size=case.b, capacity=case.s)
+    pieces = [model.method("decode", tgt[:, a:b], memory, src_mask=src_mask, cache=cache)
               for a, b in split_points(case.s, chunks)]
     assert_close(torch.cat(pieces, dim=1), full, axes=AXES,
                  claim=f"{case}: cached decoding in chunks {chunks} equals teacher forcing (src_keep={keep!r})",
@@ -251,8 +235,8 @@ def test_encoder_decoder_greedy_generation_with_cache_equals_without(impl, case,
     keep = data.draw(st.none() | padding_masks(case.b, case.t), label="src_keep")
     model = case.build(impl)
     src, src_mask = case.src(), as_mask(keep, "cpu")
-    cached = method(model, "generate", src, bos_id=bos, max_new_tokens=steps, src_mask=src_mask, use_cache=True)
-    plain = method(model, "generate", src, bos_id=bos, max_new_tokens=steps, src_mask=src_mask, use_cache=False)
+    cached = model.method("generate", src, bos_id=bos, max_new_tokens=steps, src_mask=src_mask, use_cache=True)
+    plain = model.method("generate", src, bos_id=bos, max_new_tokens=steps, src_mask=src_mask, use_cache=False)
     assert_equal(cached, plain, axes="b s",
                  claim=f"{case}: greedy generation of {steps} tokens is the same with and without the cache",
                  hint="with the cache feed only the newest token, at position cache[0].length.")
@@ -267,7 +251,7 @@ def test_encoder_decoder_greedy_generation_is_the_argmax_of_teacher_forcing(impl
     bos = data.draw(st.integers(0, case.n - 1), label="bos_id")
     model = case.build(impl)
     src = case.src()
-    out = method(model, "generate", src, bos_id=bos, max_new_tokens=steps, use_cache=use_cache)
+    out = model.method("generate", src, bos_id=bos, max_new_tokens=steps, use_cache=use_cache)
     claim = f"{case}: generate(bos_id={bos}, max_new_tokens={steps}, use_cache={use_cache}) is greedy"
     assert_true(isinstance(out, Tensor) and tuple(out.shape) == (case.b, 1 + steps), claim=claim,
                 detail=f"returned {getattr(out, 'shape', type(out).__name__)}",
@@ -291,13 +275,7 @@ def test_every_encoder_decoder_parameter_gets_a_finite_gradient(impl, case, norm
     model = case.build(impl, norm_first=norm_first)
     tgt = case.tgt()
     backward(next_token_loss(impl)(logits_of(model, case.src(), tgt), tgt), model)
-    problems = []
-    for name, p in model.module.named_parameters():
-        if p.grad is None:
-            problems.append(f"{name}: no gradient")
-        elif not torch.isfinite(p.grad).all():
-            problems.append(f"{name}: non-finite gradient")
-        elif p.dim() >= 2 and not p.grad.abs().sum() > 0:
-            problems.append(f"{name}: zero gradient")
-    assert_true(not problems, claim=f"{case}: the shifted cross-entropy reaches every parameter (norm_first={norm_first})",
-                detail="; ".join(problems), hint="every parameter must be on the path from the tokens to the logits.")
+    assert_parameters_get_finite_gradients(
+        dict(model.module.named_parameters()),
+        claim=f"{case}: the shifted cross-entropy reaches every parameter (norm_first={norm_first})",
+        hint="every parameter must be on the path from the tokens to the logits.")

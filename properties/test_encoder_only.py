@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
+from properties.probes import assert_parameters_get_finite_gradients
 from properties.attention_cases import OURS
 from properties.plugin import COMPONENTS, CheckedModule, Implementation, backward
 from properties.strategies import Mask, padding_masks, seeds, tensor
@@ -225,13 +226,7 @@ def test_every_encoder_only_parameter_gets_a_finite_gradient(impl, task, case, d
     else:
         loss = task_loss(impl, "regression_loss")(out, torch.randn(out.shape, generator=gen, dtype=out.dtype))
     backward(loss, model)
-    problems = []
-    for name, p in model.module.named_parameters():
-        if p.grad is None:
-            problems.append(f"{name}: no gradient")
-        elif not torch.isfinite(p.grad).all():
-            problems.append(f"{name}: non-finite gradient")
-        elif p.dim() >= 2 and not p.grad.abs().sum() > 0:
-            problems.append(f"{name}: zero gradient")
-    assert_true(not problems, claim=f"{case}: {task} reaches every parameter (norm_first={norm_first})",
-                detail="; ".join(problems), hint="every parameter must be on the path from tokens to the output.")
+    assert_parameters_get_finite_gradients(
+        dict(model.module.named_parameters()),
+        claim=f"{case}: {task} reaches every parameter (norm_first={norm_first})",
+        hint="every parameter must be on the path from tokens to the output.")

@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import implementations
-from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
+from properties.assertions import PRECISIONS, assert_close, assert_equal
 from properties.plugin import Implementation, backward
-from properties.probes import gradcheck
+from properties.probes import assert_parameters_get_finite_gradients, gradcheck
 from properties.strategies import seeds, sequence_shapes, tensor
 from spec import feed_forward as spec
 
@@ -180,11 +180,8 @@ def test_feed_forward_parameters_get_finite_nonzero_gradients(impl, component, s
     x = tensor(seed + 1, *shape, dtype=torch.float64, device="cpu")
     probe = tensor(seed + 2, *shape, dtype=torch.float64, device="cpu")
     backward((module(x) * probe).sum(), module)
-    for name, param in module.canonical_state().items():
-        grad = param.grad
-        assert_true(
-            grad is not None and bool(torch.isfinite(grad).all()) and bool((grad != 0).any()),
-            claim=f"{component}'s parameter {name!r} gets a finite, nonzero gradient ({shape}, {config})",
-            detail="no gradient" if grad is None else f"gradient with {int((grad != 0).sum())} nonzero entries",
-            hint="use the nn.Linear modules (or their .weight) directly; .data and .detach() cut the gradient.",
-        )
+    assert_parameters_get_finite_gradients(
+        module.canonical_state(), nonzero="all",
+        claim=f"{component}'s parameters get finite, nonzero gradients ({shape}, {config})",
+        hint="use the nn.Linear modules (or their .weight) directly; .data and .detach() cut the gradient.",
+    )

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from properties.assertions import assert_equal, assert_true
-from properties.plugin import (COMPONENTS, CheckedModule, ComponentFailure, Implementation, where_raised, backward,
+from properties.plugin import (COMPONENTS, CheckedModule, Implementation, backward,
                                draw_parameters)
 
 pytestmark = pytest.mark.slow
@@ -31,15 +31,6 @@ SEED = 20240501
 
 def data_generator(salt: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(SEED + salt)
-
-
-def call(model: CheckedModule, name: str, *args, **kwargs):
-    """One of the model's methods (generate, ...), with its errors reported as the component's failure."""
-    __tracebackhide__ = True
-    try:
-        return getattr(model.module, name)(*args, **kwargs)
-    except Exception as exc:
-        raise ComponentFailure(f"{model}: .{name} raised {type(exc).__name__}: {exc}{where_raised(exc)}") from None
 
 
 def train(model: CheckedModule, loss_of_batch, *, steps: int, lr: float, batch: int, n_train: int) -> list[float]:
@@ -151,7 +142,7 @@ def test_decoder_only_lm_learns_to_copy(impl):
         return F.cross_entropy(logits[:, COPY_K:-1].reshape(-1, logits.shape[-1]), tokens[:, COPY_K + 1 :].reshape(-1))
 
     losses = train(model, loss_of_batch, steps=150, lr=3e-3, batch=64, n_train=len(train_set))
-    out = call(model, "generate", held_out[:, : COPY_K + 1], max_new_tokens=COPY_K)
+    out = model.method("generate", held_out[:, : COPY_K + 1], max_new_tokens=COPY_K)
     accuracy = (out[:, COPY_K + 1 :] == held_out[:, COPY_K + 1 :]).float().mean().item()
     assert_true(accuracy >= 0.9, claim="a tiny DecoderOnlyLM learns to copy 4 tokens after a separator",
                 detail=f"held-out greedy copy accuracy {accuracy:.3f} < 0.9 (train loss {losses[0]:.3f} -> {losses[-1]:.3f})",
@@ -212,7 +203,7 @@ def test_encoder_decoder_learns_to_reverse(impl):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), train_tgt[index, 1:].reshape(-1))
 
     losses = train(model, loss_of_batch, steps=200, lr=3e-3, batch=64, n_train=len(train_src))
-    out = call(model, "generate", test_src, bos_id=REVERSE_SYMBOLS, max_new_tokens=REVERSE_K)
+    out = model.method("generate", test_src, bos_id=REVERSE_SYMBOLS, max_new_tokens=REVERSE_K)
     accuracy = (out[:, 1:] == test_tgt[:, 1:]).float().mean().item()
     assert_true(accuracy >= 0.9, claim="a tiny EncoderDecoderModel learns to reverse 4 tokens",
                 detail=f"held-out greedy accuracy {accuracy:.3f} < 0.9 (train loss {losses[0]:.3f} -> {losses[-1]:.3f})",

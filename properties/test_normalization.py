@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import implementations
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
 from properties.plugin import Implementation, backward
-from properties.probes import gradcheck
+from properties.probes import assert_parameters_get_finite_gradients, gradcheck
 from properties.strategies import seeds, sequence_shapes, tensor
 from spec import normalization as spec
 
@@ -389,11 +389,8 @@ def test_norm_parameters_get_finite_nonzero_gradients(impl, component, shape, se
     x = tensor(seed + 1, *shape, dtype=torch.float64, device="cpu")
     probe = tensor(seed + 2, *shape, dtype=torch.float64, device="cpu")
     backward((module(x) * probe).sum(), module)
-    for name, param in module.canonical_state().items():
-        grad = param.grad
-        assert_true(
-            grad is not None and bool(torch.isfinite(grad).all()) and bool((grad != 0).any()),
-            claim=f"{component}'s parameter {name!r} gets a finite, nonzero gradient (b, s, d={shape})",
-            detail="no gradient" if grad is None else f"gradient {grad.tolist()}",
-            hint="register it as nn.Parameter (requires_grad=True) and use it in forward without .data or .detach().",
-        )
+    assert_parameters_get_finite_gradients(
+        module.canonical_state(), nonzero="all",
+        claim=f"{component}'s parameters get finite, nonzero gradients (b, s, d={shape})",
+        hint="register it as nn.Parameter (requires_grad=True) and use it in forward without .data or .detach().",
+    )
