@@ -114,7 +114,9 @@ class Implementation:
         cls = self.raw(name)
         call = describe_call(name, config)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # The CPU generator alone: torch.manual_seed would also queue seeds for every lazy device
+            # backend (CUDA, XPU, MTIA), formatting a stack trace each time; modules are built on the CPU.
+            torch.default_generator.manual_seed(seed)
             try:
                 module = cls(**config)
             except Exception as exc:
