@@ -238,7 +238,7 @@ def draw_parameters(spec: dict[str, Param], seed: int) -> dict[str, Tensor]:
     out = {}
     for name, param in spec.items():
         z = torch.randn(param.shape, generator=gen, dtype=torch.float64)
-        if param.init == "weight":
+        if param.init in ("weight", "scaled_embedding"):  # N(0, 1/d): d is the last axis either way
             out[name] = z / math.sqrt(param.shape[-1])
         elif param.init == "bias":
             out[name] = 0.1 * z

@@ -59,7 +59,8 @@ Conventions (pinned, with the reason)
 
 Canonical parameters
 --------------------
-    src_embed.weight (n_src, d) "embedding"        tgt_embed.weight (n, d) "embedding"
+    src_embed.weight (n_src, d) "scaled_embedding"   tgt_embed.weight (n, d) "scaled_embedding"
+    (drawn N(0, 1/d), the paper's initialisation, so that the embeddings times sqrt(d) have unit scale)
     encoder.{i}.*   EncoderLayer's (spec.layers.encoder_layer_parameters)
     decoder.{i}.*   DecoderLayer's with cross-attention (spec.layers.decoder_layer_parameters)
     encoder_norm.weight/.bias (d,)  decoder_norm.weight/.bias (d,)      only when norm_first
@@ -94,8 +95,8 @@ EPS = 1e-5
 def encoder_decoder_parameters(
     *, src_vocab_size, tgt_vocab_size, d_model, n_head, n_layer, d_ff, norm_first=False, **_
 ) -> dict[str, Param]:
-    params = {"src_embed.weight": Param((src_vocab_size, d_model), "embedding"),
-              "tgt_embed.weight": Param((tgt_vocab_size, d_model), "embedding")}
+    params = {"src_embed.weight": Param((src_vocab_size, d_model), "scaled_embedding"),
+              "tgt_embed.weight": Param((tgt_vocab_size, d_model), "scaled_embedding")}
     for i in range(n_layer):
         params |= _prefixed(f"encoder.{i}", encoder_layer_parameters(d_model=d_model, n_head=n_head, d_ff=d_ff))
     for i in range(n_layer):

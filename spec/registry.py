@@ -20,11 +20,14 @@ class Param:
       * ``"weight"``: a matrix, drawn N(0, 1/fan_in) so activations keep unit scale;
       * ``"bias"``: drawn N(0, 0.1^2), nonzero so that a bias added in the wrong place shows;
       * ``"gain"``: a per-feature scale, drawn 1 + N(0, 0.1^2);
-      * ``"embedding"``: a lookup table, drawn N(0, 1).
+      * ``"embedding"``: a lookup table, drawn N(0, 1);
+      * ``"scaled_embedding"``: a table the model multiplies by sqrt(d) (the original transformer), drawn
+        N(0, 1/d) so that the scaled rows have unit scale. N(0, 1) rows times sqrt(d) would saturate
+        every softmax downstream, and a saturated softmax hides real dependencies below float64 rounding.
     """
 
     shape: tuple[int, ...]
-    init: Literal["weight", "bias", "gain", "embedding"] = "weight"
+    init: Literal["weight", "bias", "gain", "embedding", "scaled_embedding"] = "weight"
 
 
 @dataclass(frozen=True)
