@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import Phase, settings
 
 from properties.plugin import DEFAULT_TARGETS, ImplementationLoadError, load_implementation
 
@@ -35,8 +35,8 @@ settings.register_profile("fast", max_examples=10, **QUIET)
 # CI replays the same examples every run (derandomize): a red CI is never a coin toss.
 settings.register_profile("ci", max_examples=20, derandomize=True, database=None, **QUIET)
 settings.register_profile("thorough", max_examples=400, **QUIET)
+# Health checks stay on in every profile: strategies build valid inputs instead of filtering them.
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-_ = HealthCheck  # health checks stay on everywhere; strategies build valid inputs instead of filtering
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

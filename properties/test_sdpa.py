@@ -60,15 +60,14 @@ def test_sdpa_agrees_with_reference(impl, device, dtype, call):
     )
 
 
-@given(call=calls())
+# Grouped heads only where the installed torch can compare them (enable_gqa, torch >= 2.5).
+@given(call=calls(heads="gqa" if torch_has_enable_gqa() else "mha"))
 def test_sdpa_agrees_with_torch_sdpa(impl, call):
     """The output equals ``F.scaled_dot_product_attention`` (math backend, float64, ``enable_gqa`` for g < h).
 
     Causal is passed to PyTorch as an explicit bottom-right mask, since its ``is_causal`` aligns top-left.
     """
     cfg, seed, mask, causal = call
-    if cfg.g != cfg.h and not torch_has_enable_gqa():
-        return  # this torch has no enable_gqa to compare with; the reference test still covers GQA
     q, k, v = qkv(cfg, seed)
     allowed = spec.allowed_keys((cfg.b, cfg.h, cfg.s, cfg.t), mask, causal)
     extra = {"enable_gqa": True} if cfg.g != cfg.h else {}
@@ -281,6 +280,7 @@ def test_sdpa_output_is_a_convex_combination_of_values(impl, call):
     ok = torch.from_numpy(allowed)[..., None]
     lo = torch.where(ok, vv, torch.inf).amin(dim=-2)
     hi = torch.where(ok, vv, -torch.inf).amax(dim=-2)
+    # 1e-12: float64 rounding of a weighted average of at most 6 values of size ~1 is ~1e-15.
     inside = ((out >= lo - 1e-12) & (out <= hi + 1e-12)) | ~has_key[..., None]
     assert_true(
         bool(inside.all()),
@@ -302,8 +302,10 @@ def test_sdpa_stays_finite_for_large_scores(impl, device, dtype, cfg, seed, magn
     out = sdpa(q, k, v, causal=True)  # checked for NaN/inf on return
     vv = v.repeat_interleave(cfg.h // cfg.g, dim=1)
     span = vv.abs().amax(dim=(-2, -1), keepdim=True)
+    # Weights summing to 1 (up to rounding) over at most 6 keys: |out| exceeds max|v| by a few ulp at most.
+    slack = 16 * torch.finfo(dtype).eps
     assert_true(
-        bool((out.abs() <= span * (1 + 1e-3)).all()),
+        bool((out.abs() <= span * (1 + slack)).all()),
         claim=f"attention over large scores stays within the values' range ({cfg}, |q|,|k| ~ {magnitude:g}, {dtype})",
         detail=f"largest |output| {out.abs().max().item():.3g} exceeds the largest |value| {span.max().item():.3g}",
         hint="use a numerically stable softmax (subtract the row max, or call F.softmax).",
