@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import Phase, settings
 
+from properties.options import unmet_needs
 from properties.plugin import DEFAULT_TARGETS, ImplementationLoadError, load_implementation
 
 IMPL_ENV = "TRANSFORMER_SPEC_IMPL"
@@ -105,3 +106,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         missing = [name for name in needed if not impl.provides(name)]
         if missing:
             item.add_marker(pytest.mark.skip(reason="; ".join(impl.missing_reason(n) for n in missing)))
+            continue
+        reason = unmet_needs(impl, needed, item)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -35,6 +35,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from properties.options import DeclarationError, Offers, drawn_value, full_offers, read_declaration
 from spec import COMPONENTS, Component, Param
 
 # The two implementations that ship with the project, selectable by these names.
@@ -66,34 +67,82 @@ def describe_call(name: str, config: dict[str, Any]) -> str:
 
 
 class Implementation:
-    """A module of components under test, with the name it is reported by."""
+    """A module of components under test, with the name it is reported by.
+
+    Components are looked up by their spec names: ``SPEC_COMPONENTS`` (a module-level dict, spec name ->
+    object, or None to exclude a same-named object that is not the spec's) comes first; then, if the
+    module defines ``__all__``, only the names it lists; otherwise any attribute of that name.
+    """
 
     def __init__(self, label: str, namespace: ModuleType | Any, *, fallback: Implementation | None = None):
         self.label = label
         self.namespace = namespace
         # Only the suite's own mutant tests use a fallback (a mutant replaces one component of ours).
         self.fallback = fallback
+        self._offers: dict[str, Offers] = {}
 
     def __repr__(self) -> str:
         return self.label
 
+    def _own(self, name: str) -> Any:
+        """The namespace's object for spec name ``name``, or MISSING."""
+        mapping = getattr(self.namespace, NAME_MAPPING, None) or {}
+        if name in mapping:
+            return MISSING if mapping[name] is None else mapping[name]
+        exported = getattr(self.namespace, "__all__", None)
+        if exported is not None and name not in exported:
+            return MISSING
+        return getattr(self.namespace, name, MISSING)
+
     def provides(self, name: str) -> bool:
-        return hasattr(self.namespace, name) or (self.fallback is not None and self.fallback.provides(name))
+        return self._own(name) is not MISSING or (self.fallback is not None and self.fallback.provides(name))
+
+    def provided(self) -> list[str]:
+        return [name for name in COMPONENTS if self.provides(name)]
 
     def missing_reason(self, name: str) -> str:
         return f"{name} is not provided by {self.label}"
 
     def raw(self, name: str) -> Any:
-        if hasattr(self.namespace, name):
-            return getattr(self.namespace, name)
+        obj = self._own(name)
+        if obj is not MISSING:
+            return obj
         if self.fallback is not None:
             return self.fallback.raw(name)
         # Normally conftest skips such a property at collection (from its `component` parameter and
         # `requires` marker); this is the safety net for a property that reaches a component undeclared.
         pytest.skip(self.missing_reason(name))
 
+    def owner(self, name: str) -> str:
+        """How reports name the object standing for ``name``: "MyAttention (as MultiHeadAttention)"."""
+        obj = self.raw(name)
+        own = getattr(obj, "__name__", type(obj).__name__)
+        return own if own == name else f"{own} (as {name})"
+
+    def offers(self, name: str) -> Offers:
+        """The option space this implementation's ``name`` offers (its ``spec_options``, validated)."""
+        if name not in self._offers:
+            self._offers[name] = read_declaration(name, self.raw(name), self.owner(name))
+        return self._offers[name]
+
+    def validate(self) -> None:
+        """Read every declaration once, so a wrong one is a usage error before any property runs."""
+        for name in self.provided():
+            try:
+                self.offers(name)
+            except DeclarationError as exc:
+                raise ImplementationLoadError(f"--impl {self.label}: {exc}") from None
+        mapping = getattr(self.namespace, NAME_MAPPING, None)
+        if mapping is not None:
+            unknown = sorted(set(mapping) - set(COMPONENTS))
+            if not isinstance(mapping, dict) or unknown:
+                raise ImplementationLoadError(
+                    f"--impl {self.label}: {NAME_MAPPING} must map spec names to objects (or None); "
+                    f"{unknown} are not spec components. The spec's names are: {', '.join(COMPONENTS)}."
+                )
+
     def function(self, name: str) -> CheckedFunction:
-        return CheckedFunction(COMPONENTS[name], self.raw(name), self.label)
+        return CheckedFunction(COMPONENTS[name], self.raw(name), self.label, self.offers(name))
 
     def build(
         self,
@@ -107,50 +156,100 @@ class Implementation:
     ) -> CheckedModule:
         """Construct ``name(**config)`` reproducibly, move it to device/dtype and load canonical parameters.
 
-        The canonical parameters are drawn from ``seed`` (see spec.registry.Param) unless ``params`` are
-        given, so every implementation is judged on the same weights, whatever its own initialisation.
+        Options follow properties/options.py: every constructor option the implementation offers with
+        several values is passed (the spec default where ``config`` does not say); a single offered value
+        is never passed. The canonical parameters are drawn from ``seed`` (see spec.registry.Param) unless
+        ``params`` are given, so every implementation is judged on the same weights.
         """
         entry = COMPONENTS[name]
         cls = self.raw(name)
-        call = describe_call(name, config)
+        offers = self.offers(name)
+        config = {**constructor_defaults(offers), **config}
+        kwargs = constructor_arguments(offers, config)
+        call = describe_call(name, kwargs)
         with torch.random.fork_rng(devices=[]):
             # The CPU generator alone: torch.manual_seed would also queue seeds for every lazy device
             # backend (CUDA, XPU, MTIA), formatting a stack trace each time; modules are built on the CPU.
             torch.default_generator.manual_seed(seed)
             try:
-                module = cls(**config)
+                module = cls(**kwargs)
             except Exception as exc:
                 raise ComponentFailure(
                     f"{self.label}: constructing {call} raised {type(exc).__name__}: {exc}{where_raised(exc)}. "
-                    "The suite builds every component with the spec's keyword arguments."
+                    + constructor_hint(offers, exc)
                 ) from None
         if not isinstance(module, nn.Module):
             raise ComponentFailure(f"{self.label}: {call} is a {type(module).__name__}, not a torch.nn.Module")
         module = module.to(device=device, dtype=dtype).eval()
-        checked = CheckedModule(entry, module, self.label, config)
+        checked = CheckedModule(entry, module, self.label, config, offers)
         if entry.parameters is not None:
             if params is None:
-                params = draw_parameters(entry.parameters(**config), seed)
+                params = draw_parameters(entry.parameters(**parameter_config(config)), seed)
             checked.load_canonical(params)
         return checked
+
+
+MISSING = object()
+NAME_MAPPING = "SPEC_COMPONENTS"
+
+
+def constructor_defaults(offers: Offers) -> dict[str, Any]:
+    """The value of every constructor option a property does not set: the spec default where offered,
+    else the implementation's own (so canonical parameters and references follow a bias-free or
+    fixed-eps implementation)."""
+    return {opt.name: offers.default(opt.name) for opt in offers.entry.options if opt.kind == "init"}
+
+
+def constructor_arguments(offers: Offers, config: dict[str, Any]) -> dict[str, Any]:
+    """The keywords actually passed: options with one offered value are built in, never passed; an
+    "input" option's keyword (``rotary``) only when present."""
+    kinds = {opt.name: opt for opt in offers.entry.options}
+    kwargs = {}
+    for key, value in config.items():
+        opt = kinds.get(key)
+        if opt is not None and opt.kind == "init":
+            drawn_value(offers, key, value)
+            if offers.fixed(key):
+                continue
+        kwargs[key] = value
+    return kwargs
+
+
+def parameter_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration canonical parameters depend on (objects such as ``rotary`` left out)."""
+    return {k: v for k, v in config.items() if not isinstance(v, (nn.Module, Tensor))}
+
+
+def constructor_hint(offers: Offers, exc: Exception) -> str:
+    text = str(exc)
+    if isinstance(exc, TypeError) and "unexpected keyword argument" in text:
+        for opt in offers.entry.options:
+            if f"'{opt.name}'" in text:
+                return (f"If {offers.owner} has no {opt.name!r} option, declare the value it has built in, "
+                        f"e.g. spec_options = {{{opt.name!r}: {opt.default!r}}} (README, 'Declaring what you offer').")
+    return "The suite builds every component with the spec's keyword arguments."
 
 
 class CheckedFunction:
     """Calls a spec'd function and turns misbehaviour into a ComponentFailure."""
 
-    def __init__(self, entry: Component, fn: Callable, label: str):
+    def __init__(self, entry: Component, fn: Callable, label: str, offers: Offers | None = None):
         self.entry, self.fn, self.label = entry, fn, label
+        self.offers = offers or full_offers(entry.name)
 
     def __call__(self, *args: Tensor, **kwargs: Any) -> Tensor:
         __tracebackhide__ = True
+        kwargs = call_arguments(self.offers, kwargs)
         return checked_call(self.entry, self.fn, self.label, self.entry.name, args, kwargs)
 
 
 class CheckedModule:
     """A built module under test: call it like the module; reach the module itself as ``.module``."""
 
-    def __init__(self, entry: Component, module: nn.Module, label: str, config: dict[str, Any]):
+    def __init__(self, entry: Component, module: nn.Module, label: str, config: dict[str, Any],
+                 offers: Offers | None = None):
         self.entry, self.module, self.label, self.config = entry, module, label, config
+        self.offers = offers or full_offers(entry.name)
         self.call = describe_call(entry.name, config)
 
     def __repr__(self) -> str:
@@ -158,6 +257,7 @@ class CheckedModule:
 
     def __call__(self, *args: Tensor, **kwargs: Any) -> Tensor:
         __tracebackhide__ = True
+        kwargs = call_arguments(self.offers, kwargs)
         return checked_call(self.entry, self.module, self.label, self.call, args, kwargs)
 
     def method(self, name: str, *args: Any, **kwargs: Any) -> Any:
@@ -182,34 +282,41 @@ class CheckedModule:
         return self.entry.parameters(**self.config)
 
     def canonical_state(self) -> dict[str, Tensor]:
-        """The module's parameters under the spec's canonical names (live tensors, not copies)."""
+        """The module's parameters under the spec's canonical names (live tensors or views, not copies)."""
         expected = self.expected_parameters()
-        module = self.module
-        if hasattr(module, "canonical_state_dict"):
-            state = dict(module.canonical_state_dict())
-        else:
-            rename: dict[str, str] = getattr(module, "canonical_names", {})
-            own = dict(module.named_parameters())
-            state = {}
-            for name in expected:
-                theirs = rename.get(name, name)
-                if theirs not in own:
-                    raise ComponentFailure(
-                        f"{self}: has no parameter {theirs!r} for the spec's {name!r}; its parameters are "
-                        f"{sorted(own)}. Name them as the spec does, or map them with `canonical_names` "
-                        "(README, 'Plugging in')."
-                    )
-                state[name] = own[theirs]
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise ComponentFailure(f"{self}: canonical_state_dict() lacks {missing}")
+        try:
+            state = {name: canonical_tensor(self.module, name) for name in expected}
+        except KeyError as exc:
+            own = sorted(dict(self.module.named_parameters()))
+            raise ComponentFailure(
+                f"{self}: {exc.args[0]}; its parameters are {own}. Name them as the spec does, or map them "
+                "with `canonical_names` (README, 'Parameter names')."
+            ) from None
         for name, param in expected.items():
             if tuple(state[name].shape) != param.shape:
                 raise ComponentFailure(
                     f"{self}: parameter {name!r} has shape {tuple(state[name].shape)}, "
                     f"but the spec says {param.shape}"
                 )
-        return {name: state[name] for name in expected}
+        return state
+
+    def parameter_gradients(self) -> dict[str, Tensor | None]:
+        """The gradient of every canonical parameter after a backward pass, read through the module's
+        real parameters: a view handed out by ``canonical_state_dict`` (a slice of a fused QKV weight)
+        has no ``.grad`` of its own, so its gradient is the same slice of its base parameter's."""
+        out: dict[str, Tensor | None] = {}
+        for name, tensor_ in self.canonical_state().items():
+            if tensor_.grad is not None or tensor_._base is None:
+                out[name] = tensor_.grad
+                continue
+            base = next((p for p in self.module.parameters() if p is tensor_._base), None)
+            if base is None or base.grad is None:
+                out[name] = None
+                continue
+            # Re-apply the view to the base's gradient: same storage offset and strides.
+            out[name] = base.grad.as_strided(tensor_.shape, tensor_.stride(),
+                                             tensor_.storage_offset() - base.storage_offset())
+        return out
 
     def load_canonical(self, params: dict[str, Tensor]) -> None:
         """Set the module's parameters from canonical ones (cast to the module's device and dtype)."""
@@ -230,6 +337,52 @@ class CheckedModule:
         with torch.no_grad():
             for name, value in params.items():
                 state[name].copy_(value)
+
+
+def canonical_tensor(module: nn.Module, name: str) -> Tensor:
+    """The tensor standing for canonical parameter ``name`` in ``module``.
+
+    Composes through sub-modules: ``canonical_state_dict()`` first (fused layouts); then
+    ``canonical_names`` (spec name -> own name, for a whole name or for a prefix such as
+    ``{"self_attn": "attn"}``); then the name itself. A prefix leads into a sub-module, which resolves
+    the rest of the name by the same rules, so a layer never restates the names of its attention.
+    """
+    if hasattr(module, "canonical_state_dict"):
+        state = module.canonical_state_dict()
+        if name in state:
+            return state[name]
+    rename: dict[str, str] = getattr(module, "canonical_names", {}) or {}
+    own = dict(module.named_parameters())
+    theirs = rename.get(name, name)
+    if theirs in own:
+        return own[theirs]
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):  # the longest prefix that names a sub-module
+        prefix, rest = ".".join(parts[:cut]), ".".join(parts[cut:])
+        target = rename.get(prefix, prefix)
+        try:
+            sub = module.get_submodule(target)
+        except AttributeError:
+            continue
+        if sub is not module:
+            return canonical_tensor(sub, rest)
+    raise KeyError(f"has no parameter {theirs!r} for the spec's {name!r}")
+
+
+def call_arguments(offers: Offers, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call keywords actually passed: a "call" option the implementation has built in (one offered
+    value) is dropped; an "input" option's keyword must be one the implementation offers."""
+    if not kwargs:
+        return kwargs
+    out = dict(kwargs)
+    for opt in offers.entry.options:
+        if opt.kind == "call" and opt.name in out:
+            drawn_value(offers, opt.name, out[opt.name])
+            if offers.fixed(opt.name):
+                del out[opt.name]
+        elif opt.kind == "input" and opt.argument in out and out[opt.argument] is not None:
+            drawn_value(offers, opt.name, True)
+    return out
 
 
 def draw_parameters(spec: dict[str, Param], seed: int) -> dict[str, Tensor]:
@@ -345,13 +498,14 @@ def load_implementation(target: str) -> Implementation:
         except Exception as exc:
             raise ImplementationLoadError(_import_failure(target, exc)) from None
         label = target
-    names = [name for name in COMPONENTS if hasattr(module, name)]
-    if not names:
+    if not Implementation(label, module).provided():
         raise ImplementationLoadError(
             f"--impl {target}: the module defines none of the spec's components. "
             f"Define some of: {', '.join(COMPONENTS)}."
         )
-    return Implementation(label, module)
+    impl = Implementation(label, module)
+    impl.validate()
+    return impl
 
 
 def _import_file(path: Path) -> ModuleType:

@@ -28,9 +28,9 @@ Project-wide conventions
 * A query row with no allowed key produces zeros (finite, never NaN), as SDPA does since torch 2.5.
 """
 
-from spec.registry import COMPONENTS, Component, Param, component
+from spec.registry import COMPONENTS, Component, Option, Param, boolean, component, positive_float
 
-__all__ = ["COMPONENTS", "Component", "Param", "component"]
+__all__ = ["COMPONENTS", "Component", "Option", "Param", "boolean", "component", "positive_float"]
 
 
 def _register_families() -> None:

@@ -31,6 +31,55 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Option:
+    """One dimension of a component's option space: a constructor or call keyword, or an input regime the
+    properties draw. An implementation narrows it with a declaration (``spec_options``, see
+    properties/options.py); the properties draw only what it offers and skip what needs the rest.
+
+    name:     the option's name, as a declaration writes it (``causal``, ``bias``, ``mask``, ``eps``).
+    values:   the values the spec defines, the spec's default first (properties shrink towards it). For an
+              open domain (``eps``, ``base``) these are the values the properties draw; any value that
+              ``accepts`` may be declared.
+    kind:     "init": a constructor keyword; "call": a keyword of the call; "input": an input regime (a
+              mask given or not, s != t, a fully masked row, ...). An option whose implementation offers a
+              single value is never passed: the implementation has that value built in.
+    argument: for "input" options: the call keyword whose presence the option controls (``mask``).
+    accepts:  for an open domain, which declared values are valid (None: only ``values``).
+    doc:      one line for usage errors and the README.
+    """
+
+    name: str
+    values: tuple[Any, ...]
+    kind: Literal["init", "call", "input"]
+    doc: str
+    argument: str | None = None
+    accepts: Callable[[Any], bool] | None = field(default=None, compare=False)
+
+    @property
+    def default(self) -> Any:
+        return self.values[0]
+
+    def valid(self, value: Any) -> bool:
+        if self.accepts is not None:
+            try:
+                return bool(self.accepts(value))
+            except Exception:  # noqa: BLE001 (a declared value of the wrong type is simply invalid)
+                return False
+        return any(value == v and type(value) is type(v) for v in self.values) or value in self.values
+
+
+def boolean(name: str, doc: str, *, default: bool = True, kind: str = "input", argument: str | None = None) -> Option:
+    """A yes/no option, the spec's default first."""
+    return Option(name, (default, not default), kind, doc, argument=argument)
+
+
+def positive_float(name: str, doc: str, *, draws: tuple[float, ...], kind: str = "init") -> Option:
+    """An open-domain positive number (eps, base): ``draws`` are what properties use, default first."""
+    return Option(name, draws, kind, doc,
+                  accepts=lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
+
+
+@dataclass(frozen=True)
 class Component:
     """One spec'd component.
 
@@ -42,6 +91,7 @@ class Component:
     parameters:  for modules, the canonical parameters given the constructor's keyword arguments.
     output_shape: the shape the component must return, given the arguments of its call (None: the
                  properties check shapes themselves).
+    options:     the option space (see Option): everything an implementation may offer or lack.
     """
 
     name: str
@@ -50,6 +100,13 @@ class Component:
     summary: str
     parameters: Callable[..., dict[str, Param]] | None = field(default=None, compare=False)
     output_shape: Callable[..., tuple[int, ...]] | None = field(default=None, compare=False)
+    options: tuple[Option, ...] = field(default=(), compare=False)
+
+    def option(self, name: str) -> Option:
+        for opt in self.options:
+            if opt.name == name:
+                return opt
+        raise KeyError(f"{self.name} has no option {name!r}")
 
 
 COMPONENTS: dict[str, Component] = {}
