@@ -204,3 +204,40 @@ def unmet_needs(impl, components: list[str], item) -> str | None:
             if reason:
                 return reason
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strategies that draw options register here, so a meta test (meta_tests/test_options.py) can prove
+# that each consults the offers it is given: narrowed to one value, it draws only that value; given
+# the full space, it draws more than one.
+
+@dataclass(frozen=True)
+class OptionStrategy:
+    fn: Any  # fn(offers, **kwargs) -> SearchStrategy
+    component: str
+    readers: dict[str, Any]  # option -> function(drawn example) -> the option's value in it
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+OPTION_STRATEGIES: list[OptionStrategy] = []
+
+
+def draws_options(component: str, *, kwargs: dict[str, Any] | None = None, **readers):
+    """Register a strategy ``fn(offers, **kwargs)`` that draws the given options for ``component``;
+    each reader maps a drawn example to the option's value in it, e.g.
+    ``@draws_options("MultiHeadAttention", causal=lambda case: case.causal)``. ``kwargs`` are the
+    arguments the meta test calls it with (beyond ``offers``)."""
+
+    def register(fn):
+        OPTION_STRATEGIES.append(OptionStrategy(fn, component, readers, dict(kwargs or {})))
+        return fn
+
+    return register
+
+
+def narrowed(offers: Offers, **values: Any) -> Offers:
+    """``offers`` with some options narrowed (what a declaration does); used by the meta tests."""
+    new = dict(offers.values)
+    for name, value in values.items():
+        new[name] = _as_values(value)
+    return Offers(offers.component, offers.owner, new, offers.compute_dtype, offers.declared | frozenset(values))

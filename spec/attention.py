@@ -56,23 +56,33 @@ from __future__ import annotations
 import numpy as np
 from einops import rearrange
 
-from spec.registry import Component, Param, component, same_shape_as_first_input
+from spec.registry import Component, Option, Param, boolean, component, same_shape_as_first_input
 from spec.sdpa import scaled_dot_product_attention
 
 
-def projection_parameters(*, d_model: int, n_head: int, n_kv_head: int) -> dict[str, Param]:
-    """Canonical parameters of every attention module (g = n_kv_head, e = d_model // n_head)."""
+def projection_parameters(*, d_model: int, n_head: int, n_kv_head: int, bias: bool = True) -> dict[str, Param]:
+    """Canonical parameters of every attention module (g = n_kv_head, e = d_model // n_head); without
+    biases (``bias=False``, LLaMA and most modern models) the weights alone."""
     e = d_model // n_head
-    return {
-        "q.weight": Param((n_head * e, d_model)),
-        "q.bias": Param((n_head * e,), "bias"),
-        "k.weight": Param((n_kv_head * e, d_model)),
-        "k.bias": Param((n_kv_head * e,), "bias"),
-        "v.weight": Param((n_kv_head * e, d_model)),
-        "v.bias": Param((n_kv_head * e,), "bias"),
-        "o.weight": Param((d_model, n_head * e)),
-        "o.bias": Param((d_model,), "bias"),
-    }
+    params = {}
+    for name, rows, cols in (("q", n_head * e, d_model), ("k", n_kv_head * e, d_model),
+                             ("v", n_kv_head * e, d_model), ("o", d_model, n_head * e)):
+        params[f"{name}.weight"] = Param((rows, cols))
+        if bias:
+            params[f"{name}.bias"] = Param((rows,), "bias")
+    return params
+
+
+# The option space of the attention modules (properties/options.py explains declarations).
+BIAS = boolean("bias", "every projection has a bias (False: the weights alone, as LLaMA)", kind="init")
+MASK = boolean("mask", "the call takes a boolean mask (True = may attend)", argument="mask")
+CAUSAL = Option("causal", (False, True), "call", "causal=True hides later positions (bottom-right aligned)")
+EMPTY_ROWS = boolean("empty_rows", "a query whose keys are all masked gives zeros (checked by its own property)")
+ROTARY = boolean("rotary", "the constructor takes a RotaryEmbedding as rotary=", default=False, argument="rotary")
+CACHE = boolean("cache", "the call takes a KVCache as cache= (incremental decoding)", default=False,
+                argument="cache")
+SELF_ATTENTION_OPTIONS = (BIAS, MASK, CAUSAL, EMPTY_ROWS)
+DECODING_OPTIONS = (ROTARY, CACHE)
 
 
 SELF_ATTENTION = component(
@@ -81,8 +91,11 @@ SELF_ATTENTION = component(
         kind="module",
         family="attention",
         summary="single-head self-attention",
-        parameters=lambda *, d_model, **_: projection_parameters(d_model=d_model, n_head=1, n_kv_head=1),
+        parameters=lambda *, d_model, bias=True, **_: projection_parameters(
+            d_model=d_model, n_head=1, n_kv_head=1, bias=bias
+        ),
         output_shape=same_shape_as_first_input,
+        options=SELF_ATTENTION_OPTIONS,
     )
 )
 MULTI_HEAD_ATTENTION = component(
@@ -91,10 +104,11 @@ MULTI_HEAD_ATTENTION = component(
         kind="module",
         family="attention",
         summary="multi-head self-attention",
-        parameters=lambda *, d_model, n_head, **_: projection_parameters(
-            d_model=d_model, n_head=n_head, n_kv_head=n_head
+        parameters=lambda *, d_model, n_head, bias=True, **_: projection_parameters(
+            d_model=d_model, n_head=n_head, n_kv_head=n_head, bias=bias
         ),
         output_shape=same_shape_as_first_input,
+        options=SELF_ATTENTION_OPTIONS + DECODING_OPTIONS,
     )
 )
 CROSS_ATTENTION = component(
@@ -103,10 +117,11 @@ CROSS_ATTENTION = component(
         kind="module",
         family="attention",
         summary="multi-head cross-attention (queries from x, keys and values from context)",
-        parameters=lambda *, d_model, n_head, **_: projection_parameters(
-            d_model=d_model, n_head=n_head, n_kv_head=n_head
+        parameters=lambda *, d_model, n_head, bias=True, **_: projection_parameters(
+            d_model=d_model, n_head=n_head, n_kv_head=n_head, bias=bias
         ),
         output_shape=same_shape_as_first_input,
+        options=(BIAS, MASK, EMPTY_ROWS),
     )
 )
 
@@ -134,14 +149,14 @@ def attention(
     n_kv_head = n_head if n_kv_head is None else n_kv_head
 
     def project(inp: np.ndarray, name: str, heads: int) -> np.ndarray:
-        y = inp @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+        y = inp @ p[f"{name}.weight"].T + p.get(f"{name}.bias", 0.0)
         return rearrange(y, "b s (h e) -> b h s e", h=heads)
 
     q, k, v = project(x, "q", n_head), project(c, "k", n_kv_head), project(c, "v", n_kv_head)
     if rotary is not None:
         q, k = rotary(q), rotary(k)
     a = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal)
-    return rearrange(a, "b h s e -> b s (h e)") @ p["o.weight"].T + p["o.bias"]
+    return rearrange(a, "b h s e -> b s (h e)") @ p["o.weight"].T + p.get("o.bias", 0.0)
 
 
 def self_attention(params, x, *, mask=None, causal=False) -> np.ndarray:
