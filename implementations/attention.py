@@ -19,7 +19,9 @@ class ProjectedAttention(nn.Module):
     ``cache`` (KVCache) passed to forward holds the keys and values of earlier positions.
     """
 
-    def __init__(self, *, d_model: int, n_head: int, n_kv_head: int, rotary: nn.Module | None = None) -> None:
+    def __init__(
+        self, *, d_model: int, n_head: int, n_kv_head: int, rotary: nn.Module | None = None, bias: bool = True
+    ) -> None:
         super().__init__()
         if d_model <= 0 or n_head <= 0 or n_kv_head <= 0:
             raise ValueError(f"sizes must be positive: d_model={d_model}, n_head={n_head}, n_kv_head={n_kv_head}")
@@ -29,10 +31,11 @@ class ProjectedAttention(nn.Module):
             raise ValueError(f"n_head={n_head} is not divisible by n_kv_head={n_kv_head}")
         self.d_model, self.n_head, self.n_kv_head = d_model, n_head, n_kv_head
         self.head_dim = d_model // n_head
-        self.q = nn.Linear(d_model, n_head * self.head_dim)
-        self.k = nn.Linear(d_model, n_kv_head * self.head_dim)
-        self.v = nn.Linear(d_model, n_kv_head * self.head_dim)
-        self.o = nn.Linear(n_head * self.head_dim, d_model)
+        # bias=False: the weights alone (LLaMA and most modern models).
+        self.q = nn.Linear(d_model, n_head * self.head_dim, bias=bias)
+        self.k = nn.Linear(d_model, n_kv_head * self.head_dim, bias=bias)
+        self.v = nn.Linear(d_model, n_kv_head * self.head_dim, bias=bias)
+        self.o = nn.Linear(n_head * self.head_dim, d_model, bias=bias)
         self.rotary = rotary
 
     def attend(
@@ -54,8 +57,8 @@ class ProjectedAttention(nn.Module):
 class MultiHeadAttention(ProjectedAttention):
     """Multi-head self-attention; mask broadcastable to (b, h, s, s), True = may attend."""
 
-    def __init__(self, *, d_model: int, n_head: int, rotary: nn.Module | None = None) -> None:
-        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=n_head, rotary=rotary)
+    def __init__(self, *, d_model: int, n_head: int, rotary: nn.Module | None = None, bias: bool = True) -> None:
+        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=n_head, rotary=rotary, bias=bias)
 
     def forward(
         self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False, cache: KVCache | None = None
@@ -66,8 +69,8 @@ class MultiHeadAttention(ProjectedAttention):
 class SelfAttention(ProjectedAttention):
     """Single-head self-attention (scale 1/sqrt(d_model)); mask broadcastable to (b, s, s)."""
 
-    def __init__(self, *, d_model: int) -> None:
-        super().__init__(d_model=d_model, n_head=1, n_kv_head=1)
+    def __init__(self, *, d_model: int, bias: bool = True) -> None:
+        super().__init__(d_model=d_model, n_head=1, n_kv_head=1, bias=bias)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         if mask is not None and mask.dim() >= 3:
@@ -78,8 +81,8 @@ class SelfAttention(ProjectedAttention):
 class CrossAttention(ProjectedAttention):
     """Queries from x (b, s, d); keys and values from context (b, t, d); mask broadcastable to (b, h, s, t)."""
 
-    def __init__(self, *, d_model: int, n_head: int) -> None:
-        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=n_head)
+    def __init__(self, *, d_model: int, n_head: int, bias: bool = True) -> None:
+        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=n_head, bias=bias)
 
     def forward(self, x: Tensor, context: Tensor, *, mask: Tensor | None = None) -> Tensor:
         return self.attend(x, context, mask=mask, causal=False)

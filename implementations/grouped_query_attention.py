@@ -13,8 +13,10 @@ __all__ = ["GroupedQueryAttention", "MultiQueryAttention"]
 class GroupedQueryAttention(ProjectedAttention):
     """n_kv_head key/value heads shared by contiguous groups of n_head // n_kv_head query heads."""
 
-    def __init__(self, *, d_model: int, n_head: int, n_kv_head: int, rotary: nn.Module | None = None) -> None:
-        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=n_kv_head, rotary=rotary)
+    def __init__(
+        self, *, d_model: int, n_head: int, n_kv_head: int, rotary: nn.Module | None = None, bias: bool = True
+    ) -> None:
+        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=n_kv_head, rotary=rotary, bias=bias)
 
     def forward(
         self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False, cache: KVCache | None = None
@@ -25,5 +27,5 @@ class GroupedQueryAttention(ProjectedAttention):
 class MultiQueryAttention(GroupedQueryAttention):
     """One key/value head shared by every query head."""
 
-    def __init__(self, *, d_model: int, n_head: int, rotary: nn.Module | None = None) -> None:
-        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=1, rotary=rotary)
+    def __init__(self, *, d_model: int, n_head: int, rotary: nn.Module | None = None, bias: bool = True) -> None:
+        super().__init__(d_model=d_model, n_head=n_head, n_kv_head=1, rotary=rotary, bias=bias)

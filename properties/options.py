@@ -12,7 +12,8 @@ declaration per component, a ``spec_options`` attribute on the class or function
     attention.spec_options = {"causal": False, "mask": False}
 
 Each entry is the value offered, or a tuple/list of the values offered. Undeclared options offer every
-value the spec defines. One reserved key is not an option: ``"compute_dtype": torch.float32`` (or
+value the spec defines. For an input regime (kind "input": a mask, s != t, ...) True means "offered"
+and implies the regime's absence too; False means "never". One reserved key is not an option: ``"compute_dtype": torch.float32`` (or
 ``"float32"``) declares that the component computes in float32 whatever its input, so its float64 checks
 are judged by the float32 rule (properties/assertions.py) and the reports say so.
 
@@ -100,6 +101,13 @@ class Offers:
         only = " only" if len(values) == 1 else ""
         return f"{self.owner} offers {option}={_show(values)}{only}"
 
+    def __repr__(self) -> str:
+        declared = ", ".join(f"{k}={self.values[k]!r}" for k in sorted(self.declared) if k in self.values)
+        return f"Offers({self.owner}{': ' + declared if declared else ''})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(repr(self))
+
     def __and__(self, other: Offers) -> Offers:
         """The options two components both offer (a relational property calls both the same way)."""
         shared = {name: tuple(v for v in vals if any(_same(v, w) for w in other.values[name]))
@@ -115,7 +123,8 @@ def _same(a: Any, b: Any) -> bool:
 def full_offers(component: str, owner: str = "the spec") -> Offers:
     """Everything the spec defines (an implementation that declares nothing)."""
     entry = COMPONENTS[component]
-    return Offers(component, owner, {opt.name: tuple(opt.values) for opt in entry.options})
+    return Offers(component, owner, {opt.name: opt.values[:1] if opt.kind == "convention" else tuple(opt.values)
+                                     for opt in entry.options})
 
 
 def read_declaration(component: str, obj: Any, owner: str) -> Offers:
@@ -151,6 +160,10 @@ def read_declaration(component: str, obj: Any, owner: str) -> Offers:
                 f"{owner}: {DECLARATION}[{name!r}] = {value!r} is not valid; {component}'s {name} "
                 f"takes {_describe_option(opt)}."
             )
+        if opt.kind == "input" and any(_same(True, v) for v in offered):
+            # An input regime offered can also be left out: a module that takes a mask is also called
+            # without one. Only False narrows ("never give it a mask").
+            offered = (*offered, False)
         # Keep the spec's order (default first) for values the spec lists; open-domain values follow.
         ordered = [v for v in opt.values if any(_same(v, w) for w in offered)]
         ordered += [v for v in offered if not any(_same(v, w) for w in ordered)]

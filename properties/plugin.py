@@ -26,7 +26,6 @@ import importlib
 import importlib.util
 import math
 import sys
-import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
@@ -35,6 +34,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from properties import call_probes
+from properties.call_probes import RUN, CallTimeout
 from properties.options import DeclarationError, Offers, drawn_value, full_offers, read_declaration
 from spec import COMPONENTS, Component, Param
 
@@ -52,13 +53,12 @@ class ComponentFailure(AssertionError):
     type or shape, produced NaN, or its parameters do not match the spec. Reported as a property failure."""
 
 
-def where_raised(exc: BaseException) -> str:
-    """'file.py:12 in forward' for the innermost frame of an exception, to point the learner at it."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return ""
-    last = frames[-1]
-    return f" (at {Path(last.filename).name}:{last.lineno} in {last.name})"
+def where_raised(exc: BaseException, callee: Any = None) -> str:
+    """' (at model.py:12 in forward)': the innermost line of the implementation's own files, not the
+    suite's wrapper or torch's internals; for an error of the call itself (an unexpected keyword argument)
+    the definition of what was called, e.g. its ``__init__`` (properties/call_probes.location)."""
+    where = call_probes.location(exc, callee)
+    return f" (at {where})" if where else ""
 
 
 def describe_call(name: str, config: dict[str, Any]) -> str:
@@ -240,7 +240,8 @@ class CheckedFunction:
     def __call__(self, *args: Tensor, **kwargs: Any) -> Tensor:
         __tracebackhide__ = True
         kwargs = call_arguments(self.offers, kwargs)
-        return checked_call(self.entry, self.fn, self.label, self.entry.name, args, kwargs)
+        probe, self._probed = not getattr(self, "_probed", False), True  # the repeat probes: first call only
+        return checked_call(self.entry, self.fn, self.label, self.entry.name, args, kwargs, probe=probe)
 
 
 class CheckedModule:
@@ -258,21 +259,25 @@ class CheckedModule:
     def __call__(self, *args: Tensor, **kwargs: Any) -> Tensor:
         __tracebackhide__ = True
         kwargs = call_arguments(self.offers, kwargs)
-        return checked_call(self.entry, self.module, self.label, self.call, args, kwargs)
+        probe, self._probed = not getattr(self, "_probed", False), True  # the repeat probes: first call only
+        return checked_call(self.entry, self.module, self.label, self.call, args, kwargs, probe=probe)
 
     def method(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Call another method of the module (``generate``, ``encode``, ``new_cache``, ...), reporting a
-        missing method, an exception or a non-finite tensor result as the component's failure."""
+        missing method, an exception, an input modified in place, a call that does not return or a
+        non-finite tensor result as the component's failure."""
         __tracebackhide__ = True
         fn = getattr(self.module, name, None)
         if fn is None:
             raise ComponentFailure(f"{self}: has no method {name!r}, which the spec's {self.entry.name} defines")
-        try:
-            out = fn(*args, **kwargs)
-        except ComponentFailure:
-            raise
-        except Exception as exc:
-            raise ComponentFailure(f"{self}: .{name} raised {type(exc).__name__}: {exc}{where_raised(exc)}") from None
+        known = call_probes.DEFECTS.get((self.label, self.entry.name))
+        if known:
+            _defect(self.label, self.entry.name, self.call, known)
+        before = call_probes.snapshot(args, kwargs)
+        out = _invoke(self.entry, fn, self.label, f"{self.call}.{name}", args, kwargs)
+        changed = call_probes.modified_inputs(fn, before)
+        if changed:
+            raise ComponentFailure(f"{self.label}: {self.call}.{name} {changed}")
         if isinstance(out, Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
             raise ComponentFailure(f"{self}: .{name} returned non-finite values")
         return out
@@ -370,18 +375,24 @@ def canonical_tensor(module: nn.Module, name: str) -> Tensor:
 
 
 def call_arguments(offers: Offers, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The call keywords actually passed: a "call" option the implementation has built in (one offered
-    value) is dropped; an "input" option's keyword must be one the implementation offers."""
-    if not kwargs:
-        return kwargs
+    """The call keywords actually passed.
+
+    * a "call" option the implementation has built in (one offered value) is dropped; one the property
+      leaves out means the spec default, which must then be offered (else the property lacks a ``needs``);
+    * an "input" option's keyword (``mask``) must be offered when given; given as None, it is dropped
+      where the implementation does not take it at all.
+    """
     out = dict(kwargs)
     for opt in offers.entry.options:
-        if opt.kind == "call" and opt.name in out:
-            drawn_value(offers, opt.name, out[opt.name])
-            if offers.fixed(opt.name):
+        if opt.kind == "call":
+            drawn_value(offers, opt.name, out.get(opt.name, opt.default))
+            if opt.name in out and offers.fixed(opt.name):
                 del out[opt.name]
-        elif opt.kind == "input" and opt.argument in out and out[opt.argument] is not None:
-            drawn_value(offers, opt.name, True)
+        elif opt.kind == "input" and opt.argument in out:
+            if out[opt.argument] is not None:
+                drawn_value(offers, opt.name, True)
+            elif not offers.offers(opt.name, True):
+                del out[opt.argument]
     return out
 
 
@@ -402,19 +413,68 @@ def draw_parameters(spec: dict[str, Param], seed: int) -> dict[str, Tensor]:
     return out
 
 
-def checked_call(
-    entry: Component, fn: Callable, label: str, call: str, args: tuple, kwargs: dict[str, Any]
-) -> Tensor:
+def _defect(label: str, component: str, call: str, text: str, *, remember: bool = False) -> None:
+    """Raise a defect of the component as a whole (a call that did not return, hidden state, randomness);
+    ``remember`` makes every later call of it fail at once with the same sentence. Every such failure is
+    raised from this one line, with no exception context, so Hypothesis sees one failure when it replays."""
+    __tracebackhide__ = True
+    if remember:
+        call_probes.DEFECTS[(label, component)] = text
+    raise ComponentFailure(f"{label}: {call} {text}")
+
+
+def _invoke(entry: Component, fn: Callable, label: str, call: str, args: tuple, kwargs: dict[str, Any],
+            *, probing: bool = False) -> Any:
+    """``fn(*args, **kwargs)`` under the watchdog; an exception, ``sys.exit`` or a timeout becomes the
+    component's failure (while ``probing``, an exception just returns None: the probe stays silent)."""
     __tracebackhide__ = True
     try:
-        out = fn(*args, **kwargs)
+        with call_probes.watchdog(RUN.call_timeout):
+            return fn(*args, **kwargs)
     except ComponentFailure:
         raise
+    except CallTimeout as exc:
+        stopped = where_raised(exc).removeprefix(" (at ").removesuffix(")")
+        problem = (f"did not return within {call_probes.show_seconds(RUN.call_timeout)}"
+                   + (f" (stopped at {stopped})" if stopped else "")
+                   + "; later calls of it are not attempted. Look for a loop that never ends, a sleep or a "
+                   "wait (--call-timeout SECONDS sets the limit)")
+    except SystemExit as exc:
+        problem = None
+        exit_message = (f"{label}: {call} called sys.exit({exc.code!r}){where_raised(exc)}: a component must "
+                        "raise an exception (or return), never end the process")
     except Exception as exc:
+        if probing:
+            return None
         raise ComponentFailure(
             f"{label}: {call} raised {type(exc).__name__}: {exc}{where_raised(exc)}; "
             f"it was called with {describe_arguments(args, kwargs)}"
         ) from None
+    # Outside the except blocks: these failures carry no exception context.
+    if problem is not None:
+        _defect(label, entry.name, call, problem, remember=True)
+    raise ComponentFailure(exit_message)
+
+
+def checked_call(
+    entry: Component, fn: Callable, label: str, call: str, args: tuple, kwargs: dict[str, Any],
+    *, probe: bool = False,
+) -> Tensor:
+    """Call a component and check what it did before any math is judged: an exception, ``sys.exit``, a call
+    that does not return, an input modified in place, a wrong type or shape, NaN for finite inputs; with
+    ``probe`` (a built module's or a function handle's first call) also randomness and hidden state, by
+    calling it again (properties/call_probes.py)."""
+    __tracebackhide__ = True
+    known = call_probes.DEFECTS.get((label, entry.name))
+    if known:
+        _defect(label, entry.name, call, known)
+    before = call_probes.snapshot(args, kwargs)
+    probe = probe and RUN.probes and not call_probes.exempt(fn, args, kwargs)
+    pristine = call_probes.pristine_copy(fn) if probe else None
+    out = _invoke(entry, fn, label, call, args, kwargs)
+    changed = call_probes.modified_inputs(fn, before)
+    if changed:
+        raise ComponentFailure(f"{label}: {call} {changed}")
     if not isinstance(out, Tensor):
         raise ComponentFailure(
             f"{label}: {call} returned a {type(out).__name__}; the spec's {entry.name} returns one tensor"
@@ -444,6 +504,13 @@ def checked_call(
             f"{label}: {call} returned {len(bad)} non-finite value(s) (NaN or inf) for finite inputs, "
             f"first at index {tuple(bad[0].tolist())}. {why}"
         )
+    if probe:
+        found = call_probes.repeat_probe(
+            fn, pristine, args, kwargs, out,
+            lambda f, a, k: _invoke(entry, f, label, call, a, k, probing=True),
+        )
+        if found:
+            _defect(label, entry.name, call, found, remember=True)
     return out
 
 
@@ -478,7 +545,9 @@ def backward(loss: Tensor, who: object) -> None:
 def load_implementation(target: str) -> Implementation:
     """A built-in name ("ours", "pytorch"), a path to a .py file, or an importable module name."""
     if target in BUILTIN_TARGETS:
-        return Implementation(target, importlib.import_module(BUILTIN_TARGETS[target]))
+        impl = Implementation(target, importlib.import_module(BUILTIN_TARGETS[target]))
+        impl.validate()
+        return impl
     path = Path(target)
     if target.endswith(".py") or path.exists():
         if not path.is_file():

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
-from properties.attention_cases import ATTENTION_MODULES, OURS, SELF_ATTENTION_MODULES, attention_cases, masks_for
+from properties.attention_cases import ATTENTION_MODULES, OURS, SELF_ATTENTION_MODULES, attention_cases
 from properties.plugin import backward
 from properties.probes import assert_parameters_get_finite_gradients, gradcheck, jacobian
 from properties.strategies import Mask, boolean_masks, padding_masks, tensor
@@ -28,12 +28,13 @@ def test_attention_module_agrees_with_reference(impl, device, dtype, component, 
     Hint: split heads as (b, s, h, e) -> (b, h, s, e) (transpose, not a bare view), scale by 1/sqrt(e) of
     the head, and merge back with the inverse transpose.
     """
-    case = data.draw(attention_cases(component), label="case")
-    mask, causal = masks_for(case, data)
+    case = data.draw(attention_cases(impl.offers(component)), label="case")
+    mask, causal = case.mask, case.causal
     module = case.build(impl, device, dtype)
     x, context = case.inputs(device, dtype)
     out = case.call(module, x, context, mask=mask, causal=causal)
-    baseline = case.call(case.build(OURS, device, dtype), x, context, mask=mask, causal=causal)
+    baseline = case.call(case.build(OURS, device, dtype, params=case.ours_params(module)), x, context, mask=mask,
+                         causal=causal)
     assert_close(
         out, case.reference(module, x, context, mask=mask, causal=causal), baseline=baseline, axes=AXES,
         claim=f"{case} agrees with the spec's reference ({dtype}, causal={causal}, mask={mask!r})",
@@ -42,11 +43,12 @@ def test_attention_module_agrees_with_reference(impl, device, dtype, component, 
     )
 
 
+@pytest.mark.needs(causal=True)
 @pytest.mark.parametrize("component", SELF_ATTENTION_MODULES)
 @given(data=st.data())
 def test_causal_attention_never_leaks_the_future(impl, device, component, data):
     """With causal=True, changing the inputs after position p changes no output at or before p."""
-    case = data.draw(attention_cases(component), label="case")
+    case = data.draw(attention_cases(impl.offers(component), causal=True, masks=False), label="case")
     cut = data.draw(st.integers(0, case.cfg.s - 1), label="last_unchanged_position")
     module = case.build(impl, device)
     x, _ = case.inputs(device)
@@ -60,11 +62,12 @@ def test_causal_attention_never_leaks_the_future(impl, device, component, data):
     )
 
 
+@pytest.mark.needs(causal=True)
 @pytest.mark.parametrize("component", SELF_ATTENTION_MODULES)
 @given(data=st.data())
 def test_causal_attention_has_zero_jacobian_for_future_inputs(impl, component, data):
     """d out[i] / d x[j] is exactly zero for every j > i under causal=True."""
-    case = data.draw(attention_cases(component, max_len=4), label="case")
+    case = data.draw(attention_cases(impl.offers(component), max_len=4, causal=True, masks=False), label="case")
     module = case.build(impl)
     x, _ = case.inputs()
     jac = jacobian(lambda x_: case.call(module, x_, causal=True), x, module)  # (b, s, d, b, s, d)
@@ -77,11 +80,12 @@ def test_causal_attention_has_zero_jacobian_for_future_inputs(impl, component, d
     )
 
 
+@pytest.mark.needs(causal=True)
 @pytest.mark.parametrize("component", SELF_ATTENTION_MODULES)
 @given(data=st.data())
 def test_causal_attention_depends_on_the_past(impl, component, data):
     """With causal=True the last position still depends on the first: the mask hides only the future."""
-    case = data.draw(attention_cases(component, min_len=2), label="case")
+    case = data.draw(attention_cases(impl.offers(component), min_len=2, causal=True, masks=False), label="case")
     module = case.build(impl)
     x, _ = case.inputs()
     x2 = x.clone()
@@ -95,11 +99,12 @@ def test_causal_attention_depends_on_the_past(impl, component, data):
     )
 
 
+@pytest.mark.needs(mask=True)
 @pytest.mark.parametrize("component", ATTENTION_MODULES)
 @given(data=st.data())
 def test_attention_masked_keys_have_no_influence(impl, device, component, data):
     """Padding: changing the inputs at masked key positions changes no output at the real positions."""
-    case = data.draw(attention_cases(component), label="case")
+    case = data.draw(attention_cases(impl.offers(component), masks=False), label="case")
     c = case.cfg
     keep = data.draw(padding_masks(c.b, c.t), label="keep")  # (b, t)
     module = case.build(impl, device)
@@ -112,7 +117,8 @@ def test_attention_masked_keys_have_no_influence(impl, device, component, data):
     else:
         x2 = torch.where(hidden, x + 1.5, x)
         # Padded positions' own outputs may change (they are queries too); real positions' may not.
-        before, after = case.call(module, x, mask=mask) * ~hidden, case.call(module, x2, mask=mask) * ~hidden
+        before = case.call(module, x, mask=mask, causal=case.causal) * ~hidden
+        after = case.call(module, x2, mask=mask, causal=case.causal) * ~hidden
     assert_equal(
         after, before, axes=AXES,
         claim=f"{case}: masked (padding) keys have no influence on real positions (keep={keep.astype(int).tolist()})",
@@ -121,19 +127,20 @@ def test_attention_masked_keys_have_no_influence(impl, device, component, data):
     )
 
 
+@pytest.mark.needs(mask=True, empty_rows=True)
 @pytest.mark.parametrize("component", ATTENTION_MODULES)
 @given(data=st.data())
 def test_attention_fully_masked_query_row_gives_finite_output(impl, device, component, data):
     """A query row whose keys are all masked gives a finite output: the output projection of zeros."""
-    case = data.draw(attention_cases(component), label="case")
+    case = data.draw(attention_cases(impl.offers(component), masks=False), label="case")
     c = case.cfg
     mask = np.asarray(data.draw(boolean_masks((c.b, 1, c.s, c.t)), label="mask")).copy()
     mask[:, :, data.draw(st.integers(0, c.s - 1), label="empty_row")] = False
     module = case.build(impl, device)
     x, context = case.inputs(device)
-    out = case.call(module, x, context, mask=mask.view(Mask))  # NaN/inf is reported by the call itself
+    out = case.call(module, x, context, mask=mask.view(Mask), causal=case.causal)  # NaN/inf: reported by the call
     assert_close(
-        out, case.reference(module, x, context, mask=mask), axes=AXES,
+        out, case.reference(module, x, context, mask=mask, causal=case.causal), axes=AXES,
         claim=f"{case}: a query with every key masked gives the spec's finite output (the output bias)",
         hint="softmax over a row of -inf is NaN: give such rows zero weights.",
     )
@@ -143,8 +150,8 @@ def test_attention_fully_masked_query_row_gives_finite_output(impl, device, comp
 @given(data=st.data())
 def test_attention_batch_elements_are_independent(impl, device, component, data):
     """Changing batch element 0 changes no output of the other batch elements."""
-    case = data.draw(attention_cases(component, min_b=2), label="case")
-    mask, causal = masks_for(case, data)
+    case = data.draw(attention_cases(impl.offers(component), min_b=2), label="case")
+    mask, causal = case.mask, case.causal
     module = case.build(impl, device)
     x, context = case.inputs(device)
     x2 = x.clone()
@@ -160,11 +167,12 @@ def test_attention_batch_elements_are_independent(impl, device, component, data)
     )
 
 
+@pytest.mark.needs(causal=False)
 @pytest.mark.parametrize("component", SELF_ATTENTION_MODULES)
 @given(data=st.data())
 def test_self_attention_is_equivariant_to_permuting_positions(impl, component, data):
     """Without a mask or positions, permuting the input positions permutes the output the same way."""
-    case = data.draw(attention_cases(component), label="case")
+    case = data.draw(attention_cases(impl.offers(component), causal=False, masks=False), label="case")
     perm = torch.tensor(data.draw(st.permutations(range(case.cfg.s)), label="perm"))
     module = case.build(impl)
     x, _ = case.inputs()
@@ -176,9 +184,10 @@ def test_self_attention_is_equivariant_to_permuting_positions(impl, component, d
 
 
 @pytest.mark.requires("CrossAttention")
-@given(case=attention_cases("CrossAttention"), data=st.data())
-def test_cross_attention_is_invariant_to_permuting_the_context(impl, case, data):
+@given(data=st.data())
+def test_cross_attention_is_invariant_to_permuting_the_context(impl, data):
     """Permuting the context positions (keys and values together) leaves the output unchanged."""
+    case = data.draw(attention_cases(impl.offers("CrossAttention"), masks=False), label="case")
     perm = torch.tensor(data.draw(st.permutations(range(case.cfg.t)), label="perm"))
     module = case.build(impl)
     x, context = case.inputs()
@@ -190,55 +199,63 @@ def test_cross_attention_is_invariant_to_permuting_the_context(impl, case, data)
 
 
 @pytest.mark.requires("MultiHeadAttention", "SelfAttention")
-@given(case=attention_cases("SelfAttention"), data=st.data())
-def test_multi_head_attention_with_one_head_equals_self_attention(impl, case, data):
+@given(data=st.data())
+def test_multi_head_attention_with_one_head_equals_self_attention(impl, data):
     """MultiHeadAttention(n_head=1) with SelfAttention's weights computes the same function."""
-    mask, causal = masks_for(case, data)
+    both = impl.offers("SelfAttention") & impl.offers("MultiHeadAttention")
+    case = data.draw(attention_cases(both, component="SelfAttention"), label="case")
+    mask, causal = case.mask, case.causal
     single = case.build(impl)
     params = {k: v.detach().clone() for k, v in single.canonical_state().items()}
-    mha = impl.build("MultiHeadAttention", seed=case.seed, d_model=case.cfg.d, n_head=1, params=params)
+    mha = impl.build("MultiHeadAttention", seed=case.seed, d_model=case.cfg.d, n_head=1, bias=case.bias,
+                     params=params)
     x, _ = case.inputs()
     m = None if mask is None else torch.from_numpy(np.asarray(mask))
     assert_close(
-        mha(x, **({"mask": m} if m is not None else {}), **({"causal": True} if causal else {})),
+        mha(x, **({"mask": m} if m is not None else {}), causal=causal),
         case.call(single, x, mask=mask, causal=causal), axes=AXES,
         claim=f"MultiHeadAttention with one head equals SelfAttention ({case.cfg}, causal={causal})",
         hint="with one head the head width is d_model: scale by 1/sqrt(d_model) in both.",
     )
 
 
+@pytest.mark.needs("MultiHeadAttention", causal=False)
 @pytest.mark.requires("CrossAttention", "MultiHeadAttention")
-@given(case=attention_cases("MultiHeadAttention"), data=st.data())
-def test_cross_attention_on_its_own_input_equals_multi_head_attention(impl, case, data):
+@given(data=st.data())
+def test_cross_attention_on_its_own_input_equals_multi_head_attention(impl, data):
     """CrossAttention(x, context=x) equals MultiHeadAttention(x) with the same weights and mask."""
-    mask, _ = masks_for(case, data, allow_causal=False)
+    both = impl.offers("MultiHeadAttention") & impl.offers("CrossAttention")
+    case = data.draw(attention_cases(both, component="MultiHeadAttention", causal=False), label="case")
+    mask = case.mask
     mha = case.build(impl)
     params = {k: v.detach().clone() for k, v in mha.canonical_state().items()}
     cross = impl.build("CrossAttention", seed=case.seed, params=params, **case.ctor)
     x, _ = case.inputs()
     kwargs = {} if mask is None else {"mask": torch.from_numpy(np.asarray(mask))}
     assert_close(
-        cross(x, x, **kwargs), mha(x, **kwargs), axes=AXES,
+        cross(x, x, **kwargs), mha(x, causal=False, **kwargs), axes=AXES,
         claim=f"CrossAttention with the context equal to its input equals MultiHeadAttention ({case.cfg})",
         hint="cross-attention is self-attention whose keys and values come from elsewhere; no causal mask.",
     )
 
 
 @pytest.mark.requires("MultiHeadAttention")
-@given(case=attention_cases("MultiHeadAttention"), data=st.data())
-def test_multi_head_attention_agrees_with_torch_multihead_attention(impl, case, data):
+@given(data=st.data())
+def test_multi_head_attention_agrees_with_torch_multihead_attention(impl, data):
     """MultiHeadAttention equals ``torch.nn.MultiheadAttention`` (batch_first, float64) with the weights
     transferred and the mask inverted to its polarity (True = ignore)."""
-    mask, causal = masks_for(case, data)
+    case = data.draw(attention_cases(impl.offers("MultiHeadAttention")), label="case")
+    mask, causal = case.mask, case.causal
     module = case.build(impl)
     p = module.canonical_state()
     c = case.cfg
-    torch_mha = torch.nn.MultiheadAttention(c.d, c.h, batch_first=True, dtype=torch.float64)
+    torch_mha = torch.nn.MultiheadAttention(c.d, c.h, bias=case.bias, batch_first=True, dtype=torch.float64)
     with torch.no_grad():
         torch_mha.in_proj_weight.copy_(torch.cat([p["q.weight"], p["k.weight"], p["v.weight"]]))
-        torch_mha.in_proj_bias.copy_(torch.cat([p["q.bias"], p["k.bias"], p["v.bias"]]))
         torch_mha.out_proj.weight.copy_(p["o.weight"])
-        torch_mha.out_proj.bias.copy_(p["o.bias"])
+        if case.bias:
+            torch_mha.in_proj_bias.copy_(torch.cat([p["q.bias"], p["k.bias"], p["v.bias"]]))
+            torch_mha.out_proj.bias.copy_(p["o.bias"])
     allowed = torch.ones(c.b, c.h, c.s, c.t, dtype=torch.bool)
     if mask is not None:
         allowed = allowed & torch.from_numpy(np.asarray(mask))
@@ -261,8 +278,8 @@ def test_attention_module_passes_gradcheck(impl, component, data):
 
     Hint: ``.detach()``, ``.data`` or an in-place ``masked_fill_`` on a tensor autograd saved break it.
     """
-    case = data.draw(attention_cases(component, max_len=4), label="case")
-    mask, causal = masks_for(case, data)
+    case = data.draw(attention_cases(impl.offers(component), max_len=4), label="case")
+    mask, causal = case.mask, case.causal
     module = case.build(impl)
     x, context = case.inputs()
     if case.cross:
@@ -281,10 +298,11 @@ def test_every_attention_parameter_gets_a_finite_gradient(impl, device, componen
     Only matrices must get a nonzero gradient: the key bias adds q.b_k to every score of a row, which
     softmax cancels, so its exact gradient is zero (a fact worth knowing, not a bug).
     """
-    case = data.draw(attention_cases(component, min_len=2), label="case")
+    # No mask: a query that sees a single key has constant weights, so q and k rightly get no gradient.
+    case = data.draw(attention_cases(impl.offers(component), min_len=2, masks=False), label="case")
     module = case.build(impl, device)
     x, context = case.inputs(device)
-    out = case.call(module, x, context)
+    out = case.call(module, x, context, mask=case.mask, causal=case.causal)
     backward((out * tensor(case.seed + 9, *out.shape, dtype=out.dtype, device=device)).sum(), module)
     assert_parameters_get_finite_gradients(
         dict(module.module.named_parameters()),
@@ -293,10 +311,12 @@ def test_every_attention_parameter_gets_a_finite_gradient(impl, device, componen
     )
 
 
+@pytest.mark.needs(mask=True)
 @pytest.mark.requires("CrossAttention")
-@given(case=attention_cases("CrossAttention"), data=st.data())
-def test_cross_attention_masked_context_gets_zero_gradient(impl, case, data):
+@given(data=st.data())
+def test_cross_attention_masked_context_gets_zero_gradient(impl, data):
     """Masked context positions receive exactly zero gradient, and real ones a nonzero gradient."""
+    case = data.draw(attention_cases(impl.offers("CrossAttention"), masks=False), label="case")
     keep = data.draw(padding_masks(case.cfg.b, case.cfg.t), label="keep")
     module = case.build(impl)
     x, context = case.inputs()
@@ -319,8 +339,8 @@ def test_cross_attention_masked_context_gets_zero_gradient(impl, case, data):
 @given(data=st.data())
 def test_attention_module_preserves_dtype_and_device(impl, device, dtype, component, data):
     """The output has the dtype and device of the input (batch 1, length 1 and s != t included)."""
-    case = data.draw(attention_cases(component), label="case")
-    mask, causal = masks_for(case, data)
+    case = data.draw(attention_cases(impl.offers(component)), label="case")
+    mask, causal = case.mask, case.causal
     x, context = case.inputs(device, dtype)
     out = case.call(case.build(impl, device, dtype), x, context, mask=mask, causal=causal)
     assert_true(

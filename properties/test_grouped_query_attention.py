@@ -12,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from properties.assertions import FLOAT64_RTOL, assert_close, assert_true, fail
-from properties.attention_cases import AttentionCase, attention_cases, masks_for
-from properties.strategies import attention_configs, seeds
+from properties.attention_cases import attention_cases
 from spec.attention import attention as reference_attention
 from spec.grouped_query_attention import kv_parameter_count, kv_size_per_token
 
@@ -26,24 +25,27 @@ def repeat_kv_heads(params: dict[str, torch.Tensor], *, h: int, g: int, mapping:
     out = dict(params)
     for name in ("k", "v"):
         out[f"{name}.weight"] = repeat(params[f"{name}.weight"], pattern, g=g, r=h // g)
-        out[f"{name}.bias"] = repeat(params[f"{name}.bias"], pattern.replace(" d", ""), g=g, r=h // g)
+        if f"{name}.bias" in params:
+            out[f"{name}.bias"] = repeat(params[f"{name}.bias"], pattern.replace(" d", ""), g=g, r=h // g)
     return out
 
 
 def call_kwargs(mask, causal):
     kwargs = {} if mask is None else {"mask": torch.from_numpy(np.asarray(mask))}
-    return kwargs | ({"causal": True} if causal else {})
+    return kwargs | {"causal": causal}
 
 
 @pytest.mark.requires("GroupedQueryAttention", "MultiQueryAttention")
-@given(case=attention_cases("MultiQueryAttention"), data=st.data())
-def test_gqa_with_one_kv_head_equals_mqa(impl, case, data):
+@given(data=st.data())
+def test_gqa_with_one_kv_head_equals_mqa(impl, data):
     """GroupedQueryAttention(n_kv_head=1) with MQA's weights computes MultiQueryAttention."""
-    mask, causal = masks_for(case, data)
+    both = impl.offers("MultiQueryAttention") & impl.offers("GroupedQueryAttention")
+    case = data.draw(attention_cases(both, component="MultiQueryAttention"), label="case")
+    mask, causal = case.mask, case.causal
     mqa = case.build(impl)
     params = {k: v.detach().clone() for k, v in mqa.canonical_state().items()}
     gqa = impl.build("GroupedQueryAttention", seed=case.seed, d_model=case.cfg.d, n_head=case.cfg.h, n_kv_head=1,
-                     params=params)
+                     bias=case.bias, params=params)
     x, _ = case.inputs()
     assert_close(
         gqa(x, **call_kwargs(mask, causal)), mqa(x, **call_kwargs(mask, causal)), axes=AXES,
@@ -53,14 +55,16 @@ def test_gqa_with_one_kv_head_equals_mqa(impl, case, data):
 
 
 @pytest.mark.requires("GroupedQueryAttention", "MultiHeadAttention")
-@given(case=attention_cases("MultiHeadAttention"), data=st.data())
-def test_gqa_with_n_head_kv_heads_equals_mha(impl, case, data):
+@given(data=st.data())
+def test_gqa_with_n_head_kv_heads_equals_mha(impl, data):
     """GroupedQueryAttention(n_kv_head=n_head) with MHA's weights computes MultiHeadAttention."""
-    mask, causal = masks_for(case, data)
+    both = impl.offers("MultiHeadAttention") & impl.offers("GroupedQueryAttention")
+    case = data.draw(attention_cases(both, component="MultiHeadAttention"), label="case")
+    mask, causal = case.mask, case.causal
     mha = case.build(impl)
     params = {k: v.detach().clone() for k, v in mha.canonical_state().items()}
     gqa = impl.build("GroupedQueryAttention", seed=case.seed, d_model=case.cfg.d, n_head=case.cfg.h,
-                     n_kv_head=case.cfg.h, params=params)
+                     n_kv_head=case.cfg.h, bias=case.bias, params=params)
     x, _ = case.inputs()
     assert_close(
         gqa(x, **call_kwargs(mask, causal)), mha(x, **call_kwargs(mask, causal)), axes=AXES,
@@ -69,22 +73,19 @@ def test_gqa_with_n_head_kv_heads_equals_mha(impl, case, data):
     )
 
 
-@st.composite
-def grouped_cases(draw):
-    cfg = draw(attention_configs(heads="grouped"), label="cfg")
-    return AttentionCase("GroupedQueryAttention", cfg, draw(seeds(), label="seed"))
-
-
 @pytest.mark.requires("GroupedQueryAttention")
-@given(case=grouped_cases(), data=st.data())
-def test_gqa_equals_mha_with_repeated_kv_heads(impl, case, data):
+@given(data=st.data())
+def test_gqa_equals_mha_with_repeated_kv_heads(impl, data):
     """GQA equals the spec's MHA whose K/V weights repeat each KV head for its group: query head i reads
-    KV head i // (n_head / n_kv_head) (contiguous groups, as HF repeat_kv and SDPA's enable_gqa).
+    KV head i // (n_head / n_kv_head) (contiguous groups, as HF repeat_kv and SDPA's enable_gqa), or
+    i % n_kv_head for an implementation that declares ``head_grouping="round_robin"`` (the same map up
+    to a permutation of query heads, as the two RoPE pairings are).
 
     Drawn with 1 < n_kv_head < n_head, where the head mapping matters. A failure says whether the
-    implementation groups round-robin (i % n_kv_head) instead.
+    implementation groups the other way.
     """
-    mask, causal = masks_for(case, data)
+    case = data.draw(attention_cases(impl.offers("GroupedQueryAttention"), heads="grouped"), label="case")
+    mask, causal = case.mask, case.causal
     c = case.cfg
     gqa = case.build(impl)
     params = {k: v.detach().clone() for k, v in gqa.canonical_state().items()}
@@ -95,20 +96,28 @@ def test_gqa_equals_mha_with_repeated_kv_heads(impl, case, data):
         repeated = {k: v.numpy() for k, v in repeat_kv_heads(params, h=c.h, g=c.g, mapping=mapping).items()}
         return torch.from_numpy(reference_attention(repeated, x.numpy(), n_head=c.h, mask=mask, causal=causal))
 
-    claim = f"GroupedQueryAttention equals MHA with each KV head repeated for its contiguous group ({c})"
-    contiguous = mha_with("contiguous")
+    grouping = case.grouping
+    other = {"contiguous": "round_robin", "round_robin": "contiguous"}[grouping]
+    reads = {"contiguous": f"i // {c.h // c.g}", "round_robin": f"i % {c.g}"}
+    claim = (f"GroupedQueryAttention equals MHA with each KV head repeated for its group, query head i reading "
+             f"KV head {reads[grouping]} ({grouping} grouping, {c})")
+    want = mha_with(grouping)
     # Which mapping the output matches, by the float64 rule, only to choose the message below.
-    def matches(want: torch.Tensor) -> bool:
-        return torch.allclose(out, want, rtol=FLOAT64_RTOL, atol=FLOAT64_RTOL)
+    def matches(expected: torch.Tensor) -> bool:
+        return torch.allclose(out, expected, rtol=FLOAT64_RTOL, atol=FLOAT64_RTOL)
 
-    if not matches(contiguous) and matches(mha_with("round_robin")):
+    if not matches(want) and matches(mha_with(other)):
+        declared = "declares" if "head_grouping" in case.offers.declared else "does not declare (the spec's default)"
         fail(
             claim,
-            f"the output matches round-robin grouping instead: query head i reads KV head i % {c.g}",
-            f"the spec pins contiguous groups, query head i reads KV head i // {c.h // c.g}: expand KV heads with "
-            "repeat_interleave (or einops 'b g t e -> b (g r) t e'), not .repeat / 'b (r g) t e'.",
+            f"the output matches {other} grouping instead: query head i reads KV head {reads[other]}",
+            f"{case.offers.owner} {declared} head_grouping={grouping!r}. If {other} grouping is what you meant "
+            f"(it is the same map up to a permutation of query heads), declare spec_options = "
+            f"{{'head_grouping': {other!r}}}; otherwise expand KV heads with "
+            + ("repeat_interleave (einops 'b g t e -> b (g r) t e'), not .repeat / 'b (r g) t e'."
+               if grouping == "contiguous" else ".repeat (einops 'b g t e -> b (r g) t e')."),
         )
-    assert_close(out, contiguous, axes=AXES, claim=claim,
+    assert_close(out, want, axes=AXES, claim=claim,
                  hint="view K as (b, t, g, 1, e) and expand the new axis (repeat each KV head in place).")
 
 
@@ -119,19 +128,20 @@ def test_kv_projections_have_the_spec_sizes(impl, component, data):
 
     Hint: MQA/GQA save memory only if k and v project to n_kv_head * head_dim features, not to d_model.
     """
-    case = data.draw(attention_cases(component), label="case")
+    case = data.draw(attention_cases(impl.offers(component)), label="case")
     c = case.cfg
     module = case.build(impl)
     total = sum(p.numel() for p in module.module.parameters())
     expected = sum(int(np.prod(p.shape)) for p in module.expected_parameters().values())
     state = module.canonical_state()
-    kv_params = sum(state[n].numel() for n in ("k.weight", "k.bias", "v.weight", "v.bias"))
+    kv_params = sum(state[n].numel() for n in ("k.weight", "k.bias", "v.weight", "v.bias") if n in state)
     kv_per_token = state["k.weight"].shape[0] + state["v.weight"].shape[0]
     sizes = dict(d_model=c.d, n_head=c.h, n_kv_head=c.g)
+    kv_count = kv_parameter_count(**sizes, bias=case.bias)
     assert_true(
-        total == expected and kv_params == kv_parameter_count(**sizes) and kv_per_token == kv_size_per_token(**sizes),
+        total == expected and kv_params == kv_count and kv_per_token == kv_size_per_token(**sizes),
         claim=f"{case} has the spec's parameter count and K/V size per token",
         detail=f"parameters {total} (spec {expected}), K/V parameters {kv_params} "
-        f"(spec {kv_parameter_count(**sizes)}), K/V numbers per token {kv_per_token} (spec {kv_size_per_token(**sizes)})",
+        f"(spec {kv_count}), K/V numbers per token {kv_per_token} (spec {kv_size_per_token(**sizes)})",
         hint="k and v are nn.Linear(d_model, n_kv_head * head_dim); no unused projections.",
     )

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from properties.assertions import assert_close, assert_equal, assert_true
 from properties.attention_cases import attention_cases
+from properties.strategies import attention_configs
 from properties.plugin import ComponentFailure, Implementation, describe_call
 from properties.probes import expect_value_error
 from properties.strategies import chunkings, seeds, tensor
@@ -16,7 +17,8 @@ from spec.kv_cache import cache_storage_shape, split_points
 
 pytestmark = pytest.mark.requires("KVCache")
 CACHED_MODULES = ["MultiHeadAttention", "MultiQueryAttention", "GroupedQueryAttention"]
-ROPE = [pytest.param(False, id="no_rope"), pytest.param(True, id="rope", marks=pytest.mark.requires("RotaryEmbedding"))]
+ROPE = [pytest.param(False, id="no_rope"),
+        pytest.param(True, id="rope", marks=[pytest.mark.requires("RotaryEmbedding"), pytest.mark.needs(rotary=True)])]
 
 
 def new_cache(impl: Implementation, **config):
@@ -48,11 +50,12 @@ def cached_and_full(impl, case, chunks, device, rope):
 
 
 @st.composite
-def cached_runs(draw, component):
-    case = draw(attention_cases(component, max_len=7, even_head_dim=True), label="case")
+def cached_runs(draw, offers):
+    case = draw(attention_cases(offers, max_len=7, even_head_dim=True, causal=True, masks=False), label="case")
     return case, draw(chunkings(case.cfg.s), label="chunks")
 
 
+@pytest.mark.needs(cache=True, causal=True)
 @pytest.mark.parametrize("rope", ROPE)
 @pytest.mark.parametrize("component", CACHED_MODULES)
 @given(data=st.data())
@@ -64,7 +67,7 @@ def test_cached_attention_equals_the_full_pass(impl, device, component, rope, da
     (offset = cache length), and the chunk's causal mask aligns bottom-right: its query j sits at position
     cache.length + j. PyTorch's is_causal=True aligns top-left when the chunk is shorter than the keys.
     """
-    case, chunks = data.draw(cached_runs(component), label="run")
+    case, chunks = data.draw(cached_runs(impl.offers(component)), label="run")
     cached, full, _ = cached_and_full(impl, case, chunks, device, rope)
     assert_close(
         cached, full, axes="b s d",
@@ -73,16 +76,17 @@ def test_cached_attention_equals_the_full_pass(impl, device, component, rope, da
     )
 
 
-@given(case=attention_cases("GroupedQueryAttention", max_len=6), chunks=st.lists(st.integers(1, 3), min_size=1, max_size=4))
-def test_kv_cache_update_returns_everything_appended(impl, device, case, chunks):
+@given(cfg=attention_configs(heads="gqa", max_len=6), seed=seeds(),
+       chunks=st.lists(st.integers(1, 3), min_size=1, max_size=4))
+def test_kv_cache_update_returns_everything_appended(impl, device, cfg, seed, chunks):
     """update(k, v) returns every key and value appended so far, in order, and length counts them."""
-    c = case.cfg
+    c = cfg
     cache = new_cache(impl, batch_size=c.b, n_kv_head=c.g, head_dim=c.e, capacity=sum(chunks),
                       dtype=torch.float64, device=device)
     ks, vs = [], []
     for i, n in enumerate(chunks):
-        ks.append(tensor(case.seed + 2 * i, c.b, c.g, n, c.e, dtype=torch.float64, device=device))
-        vs.append(tensor(case.seed + 2 * i + 1, c.b, c.g, n, c.e, dtype=torch.float64, device=device))
+        ks.append(tensor(seed + 2 * i, c.b, c.g, n, c.e, dtype=torch.float64, device=device))
+        vs.append(tensor(seed + 2 * i + 1, c.b, c.g, n, c.e, dtype=torch.float64, device=device))
         k_all, v_all = update(cache, ks[-1], vs[-1], impl)
         claim = f"after appending chunks {chunks[: i + 1]}, the cache returns them all in order ({c})"
         assert_equal(k_all, torch.cat(ks, dim=2), axes="b g t e", claim=claim,
@@ -92,15 +96,20 @@ def test_kv_cache_update_returns_everything_appended(impl, device, case, chunks)
                     detail=f"length is {cache.length}, {sum(chunks[: i + 1])} positions were appended")
 
 
-@given(case=attention_cases("GroupedQueryAttention"), capacity=st.integers(1, 8))
-def test_kv_cache_holds_n_kv_head_heads(impl, case, capacity):
+@given(cfg=attention_configs(heads="gqa"), capacity=st.integers(1, 8), seed=seeds())
+def test_kv_cache_holds_n_kv_head_heads(impl, cfg, capacity, seed):
     """The cache stores keys and values as (b, n_kv_head, capacity, head_dim): n_head / n_kv_head times
-    less than an MHA cache, i.e. 2 * n_kv_head * head_dim numbers per token and layer."""
-    c = case.cfg
+    less than an MHA cache, i.e. 2 * n_kv_head * head_dim numbers per token and layer. A cache that
+    allocates its storage lazily is read after its first update."""
+    c = cfg
     cache = new_cache(impl, batch_size=c.b, n_kv_head=c.g, head_dim=c.e, capacity=capacity, dtype=torch.float64,
                       device="cpu")
+    if not all(isinstance(getattr(cache, name, None), torch.Tensor) for name in ("keys", "values")):
+        one = tensor(seed, c.b, c.g, 1, c.e, dtype=torch.float64, device="cpu")  # lazy: allocate now
+        update(cache, one, one.clone(), impl)
     want = cache_storage_shape(batch_size=c.b, n_kv_head=c.g, head_dim=c.e, capacity=capacity)
-    got = (tuple(getattr(cache, "keys", torch.empty(0)).shape), tuple(getattr(cache, "values", torch.empty(0)).shape))
+    shape = lambda name: tuple(getattr(getattr(cache, name, None), "shape", ()))  # () when missing or None
+    got = (shape("keys"), shape("values"))
     assert_true(
         got == (want, want),
         claim=f"the KV cache stores (b, n_kv_head, capacity, head_dim) = {want} for keys and values ({c})",
@@ -109,12 +118,12 @@ def test_kv_cache_holds_n_kv_head_heads(impl, case, capacity):
     )
 
 
-@given(case=attention_cases("MultiHeadAttention", max_len=4), extra=st.integers(1, 3))
-def test_kv_cache_rejects_appending_past_its_capacity(impl, case, extra):
+@given(cfg=attention_configs(heads="mha", max_len=4), seed=seeds(), extra=st.integers(1, 3))
+def test_kv_cache_rejects_appending_past_its_capacity(impl, cfg, seed, extra):
     """Appending more positions than the capacity raises ValueError; nothing is silently dropped or grown."""
-    c = case.cfg
+    c = cfg
     cache = new_cache(impl, batch_size=c.b, n_kv_head=c.g, head_dim=c.e, capacity=c.s, dtype=torch.float64, device="cpu")
-    k = tensor(case.seed, c.b, c.g, c.s + extra, c.e, dtype=torch.float64, device="cpu")
+    k = tensor(seed, c.b, c.g, c.s + extra, c.e, dtype=torch.float64, device="cpu")
     expect_value_error(
         lambda: cache.update(k, k.clone()),
         claim=f"a KV cache of capacity {c.s} rejects {c.s + extra} positions with ValueError",
@@ -123,11 +132,12 @@ def test_kv_cache_rejects_appending_past_its_capacity(impl, case, extra):
     )
 
 
+@pytest.mark.needs(cache=True, causal=True)
 @pytest.mark.parametrize("component", CACHED_MODULES)
 @given(data=st.data())
 def test_kv_cache_reset_forgets_the_previous_sequence(impl, component, data):
     """After reset(), decoding a new sequence with the same cache equals decoding it with a fresh one."""
-    case, chunks = data.draw(cached_runs(component), label="run")
+    case, chunks = data.draw(cached_runs(impl.offers(component)), label="run")
     other = data.draw(seeds(), label="other_sequence_seed")
     c = case.cfg
     module = case.build(impl)

@@ -23,7 +23,7 @@ Math (e = d // h)
     q = x W_q^T + b_q          split into h heads:   (b, s, d) -> (b, h, s, e)
     k = c W_k^T + b_k          split into g heads:   (b, t, d) -> (b, g, t, e)    c = context, or x
     v = c W_v^T + b_v          split into g heads
-    a = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal)   (spec/sdpa.py)
+    a = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal, grouping=grouping)   (spec/sdpa.py)
     out = merge_heads(a) W_o^T + b_o                  (b, h, s, e) -> (b, s, h*e)
 Heads are split as ``rearrange(y, "b s (h e) -> b h s e")``: head i owns features i*e .. (i+1)*e - 1
 of every projection, and merging puts them back in the same place.
@@ -136,6 +136,7 @@ def attention(
     mask: np.ndarray | None = None,
     causal: bool = False,
     rotary=None,
+    grouping: str = "contiguous",
 ) -> np.ndarray:
     """The float64 reference shared by every attention module (MHA, MQA, GQA, cross, single-head).
 
@@ -155,7 +156,7 @@ def attention(
     q, k, v = project(x, "q", n_head), project(c, "k", n_kv_head), project(c, "v", n_kv_head)
     if rotary is not None:
         q, k = rotary(q), rotary(k)
-    a = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal)
+    a = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal, grouping=grouping)
     return rearrange(a, "b h s e -> b s (h e)") @ p["o.weight"].T + p.get("o.bias", 0.0)
 
 

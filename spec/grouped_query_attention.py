@@ -43,8 +43,9 @@ properties/test_attention.py (causality, masks, batch independence, gradients, d
 
 from __future__ import annotations
 
-from spec.attention import attention, projection_parameters
+from spec.attention import DECODING_OPTIONS, SELF_ATTENTION_OPTIONS, attention, projection_parameters
 from spec.registry import Component, component, same_shape_as_first_input
+from spec.sdpa import HEAD_GROUPING
 
 MULTI_QUERY_ATTENTION = component(
     Component(
@@ -52,10 +53,11 @@ MULTI_QUERY_ATTENTION = component(
         kind="module",
         family="grouped_query_attention",
         summary="multi-query attention (one key/value head)",
-        parameters=lambda *, d_model, n_head, **_: projection_parameters(
-            d_model=d_model, n_head=n_head, n_kv_head=1
+        parameters=lambda *, d_model, n_head, bias=True, **_: projection_parameters(
+            d_model=d_model, n_head=n_head, n_kv_head=1, bias=bias
         ),
         output_shape=same_shape_as_first_input,
+        options=SELF_ATTENTION_OPTIONS + DECODING_OPTIONS,
     )
 )
 GROUPED_QUERY_ATTENTION = component(
@@ -64,18 +66,19 @@ GROUPED_QUERY_ATTENTION = component(
         kind="module",
         family="grouped_query_attention",
         summary="grouped-query attention (n_kv_head key/value heads, contiguous groups)",
-        parameters=lambda *, d_model, n_head, n_kv_head, **_: projection_parameters(
-            d_model=d_model, n_head=n_head, n_kv_head=n_kv_head
+        parameters=lambda *, d_model, n_head, n_kv_head, bias=True, **_: projection_parameters(
+            d_model=d_model, n_head=n_head, n_kv_head=n_kv_head, bias=bias
         ),
         output_shape=same_shape_as_first_input,
+        options=SELF_ATTENTION_OPTIONS + DECODING_OPTIONS + (HEAD_GROUPING,),
     )
 )
 
 
-def kv_parameter_count(*, d_model: int, n_head: int, n_kv_head: int) -> int:
-    """Number of key/value projection parameters (weights and biases of k and v)."""
+def kv_parameter_count(*, d_model: int, n_head: int, n_kv_head: int, bias: bool = True) -> int:
+    """Number of key/value projection parameters (weights, and biases unless bias=False, of k and v)."""
     e = d_model // n_head
-    return 2 * (n_kv_head * e * d_model + n_kv_head * e)
+    return 2 * (n_kv_head * e * d_model + (n_kv_head * e if bias else 0))
 
 
 def kv_size_per_token(*, d_model: int, n_head: int, n_kv_head: int) -> int:

@@ -41,8 +41,10 @@ class Option:
               open domain (``eps``, ``base``) these are the values the properties draw; any value that
               ``accepts`` may be declared.
     kind:     "init": a constructor keyword; "call": a keyword of the call; "input": an input regime (a
-              mask given or not, s != t, a fully masked row, ...). An option whose implementation offers a
-              single value is never passed: the implementation has that value built in.
+              mask given or not, s != t, a fully masked row, ...); "convention": a choice the spec pins
+              but accepts declared otherwise (GQA head grouping), never passed: an undeclared
+              implementation offers the default only, and the references follow a declared value. An
+              option whose implementation offers a single value is never passed: it is built in.
     argument: for "input" options: the call keyword whose presence the option controls (``mask``).
     accepts:  for an open domain, which declared values are valid (None: only ``values``).
     doc:      one line for usage errors and the README.
@@ -50,7 +52,7 @@ class Option:
 
     name: str
     values: tuple[Any, ...]
-    kind: Literal["init", "call", "input"]
+    kind: Literal["init", "call", "input", "convention"]
     doc: str
     argument: str | None = None
     accepts: Callable[[Any], bool] | None = field(default=None, compare=False)

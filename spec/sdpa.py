@@ -53,7 +53,24 @@ from __future__ import annotations
 import numpy as np
 from einops import einsum, repeat
 
-from spec.registry import Component, component
+from spec.registry import Component, Option, boolean, component
+
+# The option space (properties/options.py): what an implementation may declare it lacks.
+HEAD_GROUPING = Option(
+    "head_grouping", ("contiguous", "round_robin"), "convention",
+    "query head i reads KV head i // (h/g) (contiguous, the spec's) or i % g (round_robin, x-transformers); "
+    "the same map up to a permutation of query heads",
+)
+SDPA_OPTIONS = (
+    boolean("mask", "the call takes a boolean mask (True = may attend)", argument="mask"),
+    Option("causal", (False, True), "call", "causal=True hides later keys (bottom-right aligned)"),
+    boolean("scale", "the call takes scale= (None: 1/sqrt(e))", argument="scale"),
+    boolean("unequal_lengths", "s != t: queries and keys of different lengths (a chunk after a cache)"),
+    boolean("grouped_heads", "k and v with g < h heads (the kernel groups query heads itself)"),
+    boolean("value_width", "v's head width e_v may differ from q and k's e"),
+    boolean("empty_rows", "a query whose keys are all masked gives zeros (checked by its own property)"),
+    HEAD_GROUPING,
+)
 
 SCALED_DOT_PRODUCT_ATTENTION = component(
     Component(
@@ -62,6 +79,7 @@ SCALED_DOT_PRODUCT_ATTENTION = component(
         family="sdpa",
         summary="softmax(q k^T * scale, restricted to allowed keys) v",
         output_shape=lambda q, k, v, **kwargs: (*q.shape[:-1], v.shape[-1]),
+        options=SDPA_OPTIONS,
     )
 )
 
@@ -97,16 +115,20 @@ def scaled_dot_product_attention(
     mask: np.ndarray | None = None,
     causal: bool = False,
     scale: float | None = None,
+    grouping: str = "contiguous",
 ) -> np.ndarray:
-    """The float64 reference. Inputs of any float dtype are read as float64."""
+    """The float64 reference. Inputs of any float dtype are read as float64.
+
+    ``grouping="round_robin"`` judges an implementation that declares x-transformers' head mapping."""
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
     b, h, s, e = q.shape
     g, t = k.shape[1], k.shape[2]
     if h % g:
         raise ValueError(f"query heads h={h} are not a multiple of kv heads g={g}")
-    # Contiguous groups: KV head j serves query heads j*(h//g) .. (j+1)*(h//g) - 1.
-    k = repeat(k, "b g t e -> b (g r) t e", r=h // g)
-    v = repeat(v, "b g t f -> b (g r) t f", r=h // g)
+    # Contiguous groups: KV head j serves query heads j*(h//g) .. (j+1)*(h//g) - 1; round-robin: j, j+g, ...
+    pattern = {"contiguous": "b g t e -> b (g r) t e", "round_robin": "b g t e -> b (r g) t e"}[grouping]
+    k = repeat(k, pattern, r=h // g)
+    v = repeat(v, pattern, r=h // g)
     scale = 1.0 / np.sqrt(e) if scale is None else float(scale)
     scores = einsum(q, k, "b h s e, b h t e -> b h s t") * scale
     allowed = allowed_keys((b, h, s, t), mask, causal)
@@ -114,7 +136,8 @@ def scaled_dot_product_attention(
     # Subtract the largest allowed score of each row; rows with none allowed use 0 (they become 0 below).
     row_max = np.where(allowed, scores, -np.inf).max(axis=-1, keepdims=True)
     row_max = np.where(any_allowed, row_max, 0.0)
-    unnormalised = np.where(allowed, np.exp(scores - row_max), 0.0)
+    # exp of -inf (not of a masked score, which may exceed the row max and overflow) for masked keys.
+    unnormalised = np.exp(np.where(allowed, scores - row_max, -np.inf))
     total = unnormalised.sum(axis=-1, keepdims=True)
     weights = unnormalised / np.where(any_allowed, total, 1.0)
     return einsum(weights, v, "b h s t, b h t f -> b h s f")

@@ -43,24 +43,25 @@ def scaled_dot_product_attention(q, k, v, *, mask=None, causal=False, scale=None
 class _TorchMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention(batch_first=True)`` with the spec's call and parameter names."""
 
-    def __init__(self, *, d_model: int, n_head: int) -> None:
+    def __init__(self, *, d_model: int, n_head: int, bias: bool = True) -> None:
         super().__init__()
         self.n_head = n_head
-        self.mha = nn.MultiheadAttention(d_model, n_head, bias=True, batch_first=True)
+        self.mha = nn.MultiheadAttention(d_model, n_head, bias=bias, batch_first=True)
 
     def canonical_state_dict(self) -> dict[str, Tensor]:
         wq, wk, wv = self.mha.in_proj_weight.chunk(3, dim=0)
-        bq, bk, bv = self.mha.in_proj_bias.chunk(3, dim=0)
-        return {
-            "q.weight": wq, "q.bias": bq, "k.weight": wk, "k.bias": bk, "v.weight": wv, "v.bias": bv,
-            "o.weight": self.mha.out_proj.weight, "o.bias": self.mha.out_proj.bias,
-        }
+        state = {"q.weight": wq, "k.weight": wk, "v.weight": wv, "o.weight": self.mha.out_proj.weight}
+        if self.mha.in_proj_bias is not None:
+            bq, bk, bv = self.mha.in_proj_bias.chunk(3, dim=0)
+            state |= {"q.bias": bq, "k.bias": bk, "v.bias": bv, "o.bias": self.mha.out_proj.bias}
+        return state
 
     def load_canonical_state_dict(self, params: dict[str, Tensor]) -> None:
         self.mha.in_proj_weight.copy_(torch.cat([params["q.weight"], params["k.weight"], params["v.weight"]]))
-        self.mha.in_proj_bias.copy_(torch.cat([params["q.bias"], params["k.bias"], params["v.bias"]]))
         self.mha.out_proj.weight.copy_(params["o.weight"])
-        self.mha.out_proj.bias.copy_(params["o.bias"])
+        if self.mha.in_proj_bias is not None:
+            self.mha.in_proj_bias.copy_(torch.cat([params["q.bias"], params["k.bias"], params["v.bias"]]))
+            self.mha.out_proj.bias.copy_(params["o.bias"])
 
     def _attend(self, x: Tensor, context: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         b, s, t = x.shape[0], x.shape[1], context.shape[1]
@@ -75,13 +76,16 @@ class _TorchMultiheadAttention(nn.Module):
 
 
 class MultiHeadAttention(_TorchMultiheadAttention):
+    # nn.MultiheadAttention takes no RotaryEmbedding and no KV cache.
+    spec_options = {"rotary": False, "cache": False}
+
     def forward(self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         return self._attend(x, x, mask, causal)
 
 
 class SelfAttention(_TorchMultiheadAttention):
-    def __init__(self, *, d_model: int) -> None:
-        super().__init__(d_model=d_model, n_head=1)
+    def __init__(self, *, d_model: int, bias: bool = True) -> None:
+        super().__init__(d_model=d_model, n_head=1, bias=bias)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         if mask is not None and mask.dim() >= 3:
@@ -97,13 +101,15 @@ class CrossAttention(_TorchMultiheadAttention):
 class _SdpaGroupedQueryAttention(nn.Module):
     """Linear projections around ``F.scaled_dot_product_attention(..., enable_gqa=True)``."""
 
-    def __init__(self, *, d_model: int, n_head: int, n_kv_head: int) -> None:
+    spec_options = {"rotary": False, "cache": False}
+
+    def __init__(self, *, d_model: int, n_head: int, n_kv_head: int, bias: bool = True) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, e = n_head, n_kv_head, d_model // n_head
-        self.q = nn.Linear(d_model, n_head * e)
-        self.k = nn.Linear(d_model, n_kv_head * e)
-        self.v = nn.Linear(d_model, n_kv_head * e)
-        self.o = nn.Linear(n_head * e, d_model)
+        self.q = nn.Linear(d_model, n_head * e, bias=bias)
+        self.k = nn.Linear(d_model, n_kv_head * e, bias=bias)
+        self.v = nn.Linear(d_model, n_kv_head * e, bias=bias)
+        self.o = nn.Linear(n_head * e, d_model, bias=bias)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         q = rearrange(self.q(x), "b s (h e) -> b h s e", h=self.n_head)
@@ -119,5 +125,5 @@ if HAS_ENABLE_GQA:
         pass
 
     class MultiQueryAttention(_SdpaGroupedQueryAttention):
-        def __init__(self, *, d_model: int, n_head: int) -> None:
-            super().__init__(d_model=d_model, n_head=n_head, n_kv_head=1)
+        def __init__(self, *, d_model: int, n_head: int, bias: bool = True) -> None:
+            super().__init__(d_model=d_model, n_head=n_head, n_kv_head=1, bias=bias)

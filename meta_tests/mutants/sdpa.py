@@ -25,7 +25,8 @@ def buggy_sdpa(bug: str):
         if bug == "batch_and_heads_reshaped_not_transposed":
             k = k.transpose(0, 1).reshape(b, h, t, e)
         if scale is None:
-            scale = {"missing_scale": 1.0, "scale_by_width": 1.0 / e}.get(bug, 1.0 / math.sqrt(e))
+            scale = {"missing_scale": 1.0, "scale_by_width": 1.0 / e,
+                     "scale_by_value_width": 1.0 / math.sqrt(v.shape[-1])}.get(bug, 1.0 / math.sqrt(e))
         scores = torch.matmul(q, k.transpose(-2, -1)) * scale
         allowed = torch.ones(s, t, dtype=torch.bool, device=q.device)
         if causal or bug == "always_causal":
@@ -41,6 +42,8 @@ def buggy_sdpa(bug: str):
             scores = scores.masked_fill(~any_allowed, 0.0)
         if bug == "naive_softmax":
             weights = scores.exp() / scores.exp().sum(dim=-1, keepdim=True)
+        elif bug == "naive_softmax_nan_zeroed":
+            weights = torch.nan_to_num(scores.exp() / scores.exp().sum(dim=-1, keepdim=True), nan=0.0)
         elif bug == "softmax_over_queries":
             weights = F.softmax(scores, dim=-2)
         elif bug == "softmax_in_float32":
@@ -80,6 +83,11 @@ CATALOG = {
                                  ["test_sdpa_fully_masked_query_rows_are_zero"]),
     "naive_softmax": ("exp(s) / sum exp(s) without subtracting the row maximum",
                       ["test_sdpa_stays_finite_for_large_scores"]),
+    "naive_softmax_nan_zeroed": ("softmax without the row maximum, its inf / inf = NaN replaced by zeros "
+                                 "(finite and within the values' range, but wrong)",
+                                 ["test_sdpa_stays_finite_for_large_scores"]),
+    "scale_by_value_width": ("scores scaled by 1/sqrt of the value head width instead of the key width",
+                             ["test_sdpa_agrees_with_reference", "test_sdpa_agrees_with_torch_sdpa"]),
     "detached_weights": ("attention weights .detach()ed: no gradient reaches q and k",
                          ["test_sdpa_passes_gradcheck"]),
     "inplace_masked_fill_after_softmax": ("masked_fill_ in place on the softmax output autograd saved",
