@@ -37,6 +37,10 @@ def scaled_dot_product_attention(q, k, v, *, mask=None, causal=False, scale=None
 
 
 class GroupedQueryAttention(nn.Module):
+    # What this family offers beyond the spec's defaults: biases always (one fused Linear with a bias),
+    # no RotaryEmbedding and no KV cache (properties/options.py).
+    spec_options = {"bias": True, "rotary": False, "cache": False}
+
     def __init__(self, *, d_model: int, n_head: int, n_kv_head: int | None = None) -> None:
         super().__init__()
         g = n_head if n_kv_head is None else n_kv_head

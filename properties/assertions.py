@@ -8,6 +8,9 @@ Tolerance rules (the only ones the suite uses)
 * float64 identities and float64 agreement with the reference: |actual - expected| <= 1e-9 * (1 + |expected|).
   Every computation here sums at most a few hundred terms of size ~1, whose float64 rounding error is
   ~1e-14; 1e-9 leaves five orders of margin for reordering while every real bug is off by > 1e-3.
+* float64 output of a component that declares float32 compute (``{"compute_dtype": "float32"}``): the
+  float32 rule of properties/precision.py, named in the report. Undeclared, a float64 failure at float32
+  rounding level is examined there (is the input read at float32 precision?) and reported as such.
 * float32, float16, bfloat16: the error-ratio rule (flash-attention's tests, pytorch's flex-attention
   tests). With ``expected`` the float64 reference and ``baseline`` a plain computation of the same math
   in the same dtype (our readable implementation),
@@ -23,6 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from properties import precision
 
 FLOAT64_RTOL = 1e-9
 RATIO = 2.0
@@ -101,7 +106,12 @@ def assert_close(
     a = actual.detach().double()
     err, where = _largest_error(a, expected, axes)
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    if actual.dtype == torch.float64:
+    declared = precision.declared_owner() if actual.dtype == torch.float64 else None
+    if declared:
+        allowed = precision.DECLARED_FLOAT32_ULPS * precision.FLOAT32_EPS * scale
+        rule = (f"float32 rule, since {declared} declares compute_dtype=float32: "
+                f"{precision.DECLARED_FLOAT32_ULPS:g} float32 ulp * {scale:.3g}")
+    elif actual.dtype == torch.float64:
         allowed = FLOAT64_RTOL * scale
         rule = f"float64 rule 1e-9 * {scale:.3g}"
     else:
@@ -116,12 +126,24 @@ def assert_close(
         )
     if not err <= allowed:  # also catches NaN
         outside = int(((a - expected).abs() > allowed).sum()) if err == err else actual.numel()
+        if actual.dtype == torch.float64 and not declared:
+            instead, note = precision.diagnosis(err, scale)
+            hint = instead or (f"{hint} ({note})" if hint and note else hint or note)
         fail(
             claim,
             f"largest error {err:.3g} {where}; allowed {allowed:.3g} ({rule}); "
             f"{outside} of {actual.numel()} entries outside",
             hint,
         )
+
+
+def float64_rtol() -> float:
+    """The relative rounding slack of a float64 identity between outputs of the component under test:
+    FLOAT64_RTOL, or the float32 rule's when the component called in this test declares float32 compute.
+    Call it after the component (the declaration is recorded when it is called)."""
+    if precision.declared_owner():
+        return precision.DECLARED_FLOAT32_ULPS * precision.FLOAT32_EPS
+    return FLOAT64_RTOL
 
 
 def assert_true(condition: bool, *, claim: str, detail: str, hint: str | None = None) -> None:

@@ -140,6 +140,11 @@ def read_declaration(component: str, obj: Any, owner: str) -> Offers:
     values = dict(offers.values)
     compute_dtype = None
     known = {opt.name: opt for opt in entry.options}
+    own = vars(obj).get(DECLARATION) if isinstance(obj, type) else declared
+    if own is None:
+        # Inherited from a base class declared for another spec component (a CrossAttention subclassing
+        # a MultiHeadAttention that declares rotary=False): keep what applies here, drop the rest.
+        declared = {k: v for k, v in declared.items() if k in known or k == COMPUTE_DTYPE}
     for name, value in declared.items():
         if name == COMPUTE_DTYPE:
             if value not in COMPUTE_DTYPES:

@@ -102,6 +102,12 @@ def sdpa_calls(draw, offers: Offers, *, heads: str = "gqa", max_len: int = 6, mi
     return SdpaCall(cfg, ev, draw(seeds(), label="seed"), mask, is_causal, grouping)
 
 
+@draws_options(SDPA, scale=lambda scale: scale is not None)
+def sdpa_scales(offers: Offers) -> st.SearchStrategy[float | None]:
+    """An explicit ``scale=`` (or None, the default 1/sqrt(e)) where the implementation takes one."""
+    return st.sampled_from([None, 0.3]) if offers.offers("scale", True) else st.none()
+
+
 def calls_of(impl, **kw):
     return sdpa_calls(impl.offers(SDPA), **kw)
 
@@ -435,8 +441,7 @@ def test_sdpa_passes_gradcheck(impl, data):
     """
     offers = impl.offers(SDPA)
     call = data.draw(sdpa_calls(offers), label="call")
-    extra_scale = data.draw(st.sampled_from([None, 0.3]) if offers.offers("scale", True) else st.none(),
-                            label="scale")
+    extra_scale = data.draw(sdpa_scales(offers), label="scale")
     sdpa = impl.function(SDPA)
     m = call.m()
     gradcheck(
