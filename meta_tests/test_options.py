@@ -246,3 +246,39 @@ def test_declared_float32_compute_is_judged_by_the_float32_rule():
         spec_options = {"compute_dtype": "float32"}
 
     assert _rms_check(Declared) is None
+
+
+# --- the ignored-option probe ----------------------------------------------------------------------
+
+
+def test_an_option_accepted_but_ignored_is_named():
+    """Regression: `causal=False` still causal (an option accepted but ignored) was blamed on head splits;
+    the call wrapper now names the option."""
+
+    class AlwaysCausal(implementations.MultiHeadAttention):
+        def forward(self, x, *, mask=None, causal=False, cache=None):
+            return super().forward(x, mask=mask, causal=True, cache=cache)
+
+    impl = Implementation("learner", SimpleNamespace(MultiHeadAttention=AlwaysCausal))
+    module = impl.build("MultiHeadAttention", seed=0, d_model=4, n_head=2)
+    x = torch.randn(1, 3, 4, dtype=torch.float64)
+    with pytest.raises(ComponentFailure, match=r"accepts causal but ignores it: called with causal=False and "
+                                               r"causal=True it returns bit-identical outputs"):
+        module(x, causal=False)
+
+
+def test_an_ignored_constructor_option_is_named():
+    class FixedEpsLayerNorm(nn.Module):
+        def __init__(self, *, d_model: int, eps: float = 1e-5, bias: bool = True) -> None:
+            super().__init__()
+            self.inner = nn.LayerNorm(d_model, eps=1e-5, bias=bias)  # eps accepted, never used
+
+        canonical_names = {"weight": "inner.weight", "bias": "inner.bias"}
+
+        def forward(self, x):
+            return self.inner(x)
+
+    impl = Implementation("learner", SimpleNamespace(LayerNorm=FixedEpsLayerNorm))
+    module = impl.build("LayerNorm", seed=0, d_model=4, eps=1e-5)
+    with pytest.raises(ComponentFailure, match="accepts eps but ignores it"):
+        module(torch.randn(2, 4, dtype=torch.float64))
