@@ -1,8 +1,11 @@
-"""Print the README's catalog of properties, from the properties' own docstrings.
+"""Print the README's catalog of properties (from the properties' own docstrings) and its table of
+options (from the spec's option space).
 
-    python -m meta_tests.readme_catalog
+    python -m meta_tests.readme_catalog             # the catalog of properties
+    python -m meta_tests.readme_catalog --options   # the table of declarable options
 
-``meta_tests/test_mutants.py`` checks that the README names every property, so the catalog cannot drift.
+``meta_tests/test_mutants.py`` checks that the README names every property and every option, so neither
+can drift.
 """
 
 from __future__ import annotations
@@ -31,5 +34,22 @@ def catalog_markdown() -> str:
     return "\n".join(out)
 
 
+def option_row(component: str, option) -> str:
+    values = ", ".join(f"`{v!r}`" for v in option.values)
+    if option.accepts is not None:
+        values += ", any number >= 0"
+    return f"| `{component}` | `{option.name}` | {values} | {option.kind} | {option.doc} |"
+
+
+def options_markdown() -> str:
+    from spec import COMPONENTS
+
+    rows = [option_row(name, opt) for name, entry in COMPONENTS.items() for opt in entry.options]
+    return "\n".join(["| component | option | values (spec default first) | kind | meaning |",
+                      "|---|---|---|---|---|", *rows])
+
+
 if __name__ == "__main__":
-    print(catalog_markdown())
+    import sys
+
+    print(options_markdown() if "--options" in sys.argv else catalog_markdown())

@@ -62,3 +62,15 @@ def test_readme_catalog_lists_every_property():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = sorted(name for name in PROPERTIES if f"`{name}`" not in readme)
     assert not missing, f"README.md's catalog lacks {missing}: regenerate it with python -m meta_tests.readme_catalog"
+
+
+def test_readme_lists_every_option():
+    """The README's table of options (``python -m meta_tests.readme_catalog --options``) is current."""
+    from pathlib import Path
+
+    from meta_tests.readme_catalog import option_row
+    from spec import COMPONENTS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [f"{c}.{o.name}" for c, entry in COMPONENTS.items() for o in entry.options if option_row(c, o) not in readme]
+    assert not missing, f"README.md's table of options lacks or misstates {missing}: regenerate it with python -m meta_tests.readme_catalog --options"

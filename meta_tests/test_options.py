@@ -4,6 +4,7 @@ gradients through views, declared precision) hold. Spec of the mechanism: proper
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -282,3 +283,46 @@ def test_an_ignored_constructor_option_is_named():
     module = impl.build("LayerNorm", seed=0, d_model=4, eps=1e-5)
     with pytest.raises(ComponentFailure, match="accepts eps but ignores it"):
         module(torch.randn(2, 4, dtype=torch.float64))
+
+
+# --- a lazily allocated KV cache ---------------------------------------------------------------------
+
+
+class LazyKVCache:
+    """A correct cache that allocates its storage on the first update (keys/values are None before)."""
+
+    def __init__(self, *, batch_size, n_kv_head, head_dim, capacity, dtype=torch.float32, device="cpu"):
+        self.shape = (batch_size, n_kv_head, capacity, head_dim)
+        self.dtype, self.device, self.capacity = dtype, device, capacity
+        self.keys = self.values = None
+        self.length = 0
+
+    def update(self, k, v):
+        if self.keys is None:
+            self.keys = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            self.values = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        n = k.shape[-2]
+        if self.length + n > self.capacity:
+            raise ValueError(f"capacity {self.capacity} exceeded by {self.length} + {n}")
+        self.keys[:, :, self.length : self.length + n] = k
+        self.values[:, :, self.length : self.length + n] = v
+        self.length += n
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def reset(self):
+        self.length = 0
+
+
+@pytest.mark.parametrize("prop", ["test_kv_cache_holds_n_kv_head_heads", "test_kv_cache_update_returns_everything_appended"])
+def test_a_lazily_allocated_cache_passes(prop):
+    """Regression: a cache whose storage is None until the first update crashed the suite's own code
+    (AttributeError: 'NoneType' object has no attribute 'shape')."""
+    from meta_tests.catalog import OURS, quick_settings
+
+    fn = all_properties()[prop]
+    impl = Implementation("lazy", SimpleNamespace(KVCache=LazyKVCache), fallback=OURS)
+    kwargs = {"impl": impl}
+    if "device" in inspect.signature(fn).parameters:
+        kwargs["device"] = "cpu"
+    with quick_settings(fn):
+        fn(**kwargs)
