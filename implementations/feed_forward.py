@@ -19,16 +19,19 @@ def _check_sizes(name: str, d_model: int, d_ff: int) -> None:
 
 
 class FeedForward(nn.Module):
-    """down(act(up(x))) on every position of x (b, s, d); act is relu or exact gelu."""
+    """down(act(up(x))) on every position of x (b, s, d); act is relu or exact gelu; bias=False drops
+    both projections' biases."""
 
-    def __init__(self, *, d_model: int, d_ff: int, activation: str = "relu") -> None:
+    def __init__(self, *, d_model: int, d_ff: int, activation: str = "relu", bias: bool = True) -> None:
         super().__init__()
         _check_sizes("FeedForward", d_model, d_ff)
         if activation not in ACTIVATIONS:
             raise ValueError(f"FeedForward: activation must be one of {ACTIVATIONS}, got activation={activation!r}")
+        if not isinstance(bias, bool):
+            raise ValueError(f"FeedForward: bias must be True or False, got bias={bias!r}")
         self.activation = activation
-        self.up = nn.Linear(d_model, d_ff)
-        self.down = nn.Linear(d_ff, d_model)
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.up(x)  # (b, s, f)

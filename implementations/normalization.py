@@ -23,21 +23,26 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 class LayerNorm(nn.Module):
-    """(x - mean) / sqrt(biased var + eps) * weight + bias, over the last axis of x (..., d)."""
+    """(x - mean) / sqrt(biased var + eps) * weight + bias, over the last axis of x (..., d).
+    ``bias=False`` leaves the bias out (``self.bias`` is None), as ``nn.LayerNorm(bias=False)``."""
 
-    def __init__(self, *, d_model: int, eps: float = 1e-5) -> None:
+    def __init__(self, *, d_model: int, eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
         _check(d_model, eps, "LayerNorm")
+        if not isinstance(bias, bool):
+            raise ValueError(f"LayerNorm: bias must be True or False, got bias={bias!r}")
         self.d_model, self.eps = d_model, eps
         self.weight = nn.Parameter(torch.ones(d_model))
-        self.bias = nn.Parameter(torch.zeros(d_model))
+        self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = _compute_dtype(x)
         h = x.to(dtype)
         centred = h - h.mean(dim=-1, keepdim=True)
         var = centred.pow(2).mean(dim=-1, keepdim=True)  # biased: divide by d
-        out = centred * torch.rsqrt(var + self.eps) * self.weight.to(dtype) + self.bias.to(dtype)
+        out = centred * torch.rsqrt(var + self.eps) * self.weight.to(dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(dtype)
         return out.to(x.dtype)
 
 

@@ -15,8 +15,10 @@ class RotaryEmbedding(nn.Module):
     """Rotate pair i of every head vector of token j by the angle p_j * base^(-2i/e).
 
     pairing "adjacent" pairs dimensions (2i, 2i + 1) (Meta's Llama, RoFormer); "half" pairs (i, i + e/2)
-    (GPT-NeoX, HF rotate_half). No parameters and no buffers: the angles are recomputed on every call in
-    float32 or float64, so ``module.to(torch.float16)`` cannot degrade them.
+    (GPT-NeoX, HF rotate_half). Positions are offset + arange(s), or offset + positions with positions (s,)
+    (shared by the batch) or (b, s) (one row per sequence). No parameters and no buffers: the angles are
+    recomputed on every call in float32 or float64, for any position (no table to outgrow), so
+    ``module.to(torch.float16)`` cannot degrade them.
     """
 
     def __init__(self, *, head_dim: int, base: float = 10000.0, pairing: str = "adjacent") -> None:
@@ -29,26 +31,31 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"pairing={pairing!r} must be one of {PAIRINGS}")
         self.head_dim, self.base, self.pairing = head_dim, float(base), pairing
 
-    def angles(self, s: int, *, offset: int, positions: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """(s, e/2): p_j * theta_i, computed in ``dtype`` (float32 or float64)."""
+    def angles(self, x: Tensor, *, offset: int, positions: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """p * theta_i in ``dtype`` (float32 or float64): (s, e/2) for shared positions, (b, 1, s, e/2) for
+        per-sequence positions (b, s), one row per sequence and the same for each of its heads."""
+        b, s = x.shape[0], x.shape[-2]
         if positions is None:
-            p = torch.arange(s, device=device, dtype=dtype)
+            p = torch.arange(s, device=x.device, dtype=dtype)
         else:
-            if tuple(positions.shape) != (s,):
-                raise ValueError(f"positions must have shape (s,) = ({s},), got {tuple(positions.shape)}")
-            p = positions.to(device=device, dtype=dtype)
+            if tuple(positions.shape) not in ((s,), (b, s)):
+                raise ValueError(
+                    f"positions must have shape (s,) = ({s},) or (b, s) = ({b}, {s}), got {tuple(positions.shape)}"
+                )
+            p = positions.to(device=x.device, dtype=dtype)
         p = p + offset
-        theta = self.base ** (-torch.arange(0, self.head_dim, 2, device=device, dtype=dtype) / self.head_dim)
-        return torch.outer(p, theta)
+        theta = self.base ** (-torch.arange(0, self.head_dim, 2, device=x.device, dtype=dtype) / self.head_dim)
+        angle = p[..., None] * theta  # (s, e/2) or (b, s, e/2)
+        return angle[:, None] if p.dim() == 2 else angle  # (b, s, e/2) -> (b, 1, s, e/2): shared by the heads
 
     def forward(self, x: Tensor, *, offset: int = 0, positions: Tensor | None = None) -> Tensor:
-        s, e = x.shape[-2], x.shape[-1]
+        e = x.shape[-1]
         if e != self.head_dim:
             raise ValueError(f"x has head width {e}, but this RotaryEmbedding was built for head_dim={self.head_dim}")
         # float32 at least: in float16 the angle p * theta_i is off by ~p * 5e-4 rad (spec: Precision).
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        angle = self.angles(s, offset=offset, positions=positions, device=x.device, dtype=compute)
-        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)  # (s, e/2)
+        angle = self.angles(x, offset=offset, positions=positions, dtype=compute)
+        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)  # (s, e/2) or (b, 1, s, e/2)
         if self.pairing == "adjacent":
             u, v = x[..., 0::2], x[..., 1::2]
         else:

@@ -77,22 +77,33 @@ def expect_value_error(call: Callable[[], object], *, claim: str, hint: str, wha
 
 
 def assert_parameters_get_finite_gradients(
-    params: dict[str, Tensor], *, claim: str, hint: str, nonzero: str = "matrices"
+    params: dict[str, Tensor] | object, *, claim: str, hint: str, nonzero: str = "matrices"
 ) -> None:
     """After a backward pass: every parameter has a finite gradient, and a nonzero one for every matrix
     (``nonzero="matrices"``) or for every parameter (``"all"``).
+
+    ``params`` is a dict of parameters (their ``.grad`` is read) or a CheckedModule, whose canonical
+    parameters' gradients are read through its real parameters (``parameter_gradients``): a view handed
+    out by ``canonical_state_dict()`` (a slice of a fused weight) has no ``.grad`` of its own.
 
     "matrices" is the rule for anything with attention: the key bias adds q.b_k to every score of a row,
     which softmax cancels, so its exact gradient is zero; that is a fact, not a bug.
     """
     __tracebackhide__ = True
+    if hasattr(params, "parameter_gradients"):
+        state = params.canonical_state()
+        grads = params.parameter_gradients()
+        shapes = {name: state[name].dim() for name in grads}
+    else:
+        grads = {name: p.grad for name, p in params.items()}
+        shapes = {name: p.dim() for name, p in params.items()}
     problems = []
-    for name, p in params.items():
-        if p.grad is None:
+    for name, grad in grads.items():
+        if grad is None:
             problems.append(f"{name}: no gradient")
-        elif not torch.isfinite(p.grad).all():
+        elif not torch.isfinite(grad).all():
             problems.append(f"{name}: non-finite gradient")
-        elif (nonzero == "all" or p.dim() >= 2) and not bool((p.grad != 0).any()):
+        elif (nonzero == "all" or shapes[name] >= 2) and not bool((grad != 0).any()):
             problems.append(f"{name}: zero gradient")
     if problems:
         fail(claim, "; ".join(problems), hint)

@@ -1,7 +1,8 @@
 """Properties of FeedForward and SwiGLU. Spec: spec/feed_forward.py.
 
 PyTorch has no feed-forward module to compare with, so these run on ours (and a learner's); the
-PyTorch adapters skip them.
+PyTorch adapters skip them. Configurations are drawn from what the implementation offers
+(properties/options.py): FeedForward's activation and biases (SwiGLU has no options).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 import implementations
 from properties.assertions import PRECISIONS, assert_close, assert_equal
+from properties.options import Offers, draws_options
 from properties.plugin import Implementation, backward
 from properties.probes import assert_parameters_get_finite_gradients, gradcheck
 from properties.strategies import seeds, sequence_shapes, tensor
@@ -23,12 +25,15 @@ AXES = "b s d"
 OURS = Implementation("ours", implementations)  # the same-dtype baseline of the error-ratio rule
 
 
+@draws_options("FeedForward", activation=lambda config: config["activation"], bias=lambda config: config["bias"])
 @st.composite
-def block_configs(draw, component: str, *, min_f: int = 1, max_f: int = 8):
-    """Constructor keywords for ``component``: d_model, d_ff and (FeedForward) the activation."""
+def block_configs(draw, offers: Offers, *, min_f: int = 1, max_f: int = 8):
+    """Constructor keywords (beyond d_model) for the offers' component: d_ff and, for FeedForward, the
+    activation and bias among those it offers."""
     config = {"d_ff": draw(st.integers(min_f, max_f), label="d_ff")}
-    if component == "FeedForward":
-        config["activation"] = draw(st.sampled_from(spec.FEED_FORWARD_ACTIVATIONS), label="activation")
+    if offers.component == "FeedForward":
+        config["activation"] = draw(offers.strategy("activation"), label="activation")
+        config["bias"] = draw(offers.strategy("bias"), label="bias")
     return config
 
 
@@ -48,12 +53,13 @@ def reference(component, module, x, config):
 @pytest.mark.parametrize("dtype", PRECISIONS)
 @given(shape=sequence_shapes(), seed=seeds(), data=st.data())
 def test_feed_forward_agrees_with_reference(impl, device, dtype, component, shape, seed, data):
-    """The output equals the spec's float64 reference (relu and exact-gelu FeedForward, SwiGLU).
+    """The output equals the spec's float64 reference (relu and exact-gelu FeedForward, with and without
+    biases, as offered; SwiGLU).
 
     Hint: FeedForward is down(act(up(x))) with the activation between the projections; "gelu" is the
     exact erf form. SwiGLU is down(silu(gate(x)) * up(x)) without biases.
     """
-    config = data.draw(block_configs(component), label="config")
+    config = data.draw(block_configs(impl.offers(component)), label="config")
     d = shape[-1]
     module = build(impl, component, d, config, seed, device=device, dtype=dtype)
     x = tensor(seed + 1, *shape, dtype=dtype, device=device)
@@ -61,7 +67,32 @@ def test_feed_forward_agrees_with_reference(impl, device, dtype, component, shap
     assert_close(
         module(x), reference(component, module, x, config), baseline=baseline, axes=AXES,
         claim=f"{component} agrees with the spec's reference ((b, s, d)={shape}, {config}, {dtype})",
-        hint="activation between the two projections; exact gelu; silu on the gate path only.",
+        hint="activation between the two projections; exact gelu; silu on the gate path only; "
+        "bias=False means nn.Linear(..., bias=False) for both projections.",
+    )
+
+
+@pytest.mark.requires("FeedForward")
+@pytest.mark.needs(activation="relu", bias=True)
+@given(shape=sequence_shapes(), seed=seeds(), d_ff=st.integers(1, 8))
+def test_relu_feed_forward_with_every_hidden_unit_off_outputs_the_down_bias(impl, device, shape, seed, d_ff):
+    """With up.bias_i below -(sum_j |up.weight[i, j]|) * max|x| - 1, every hidden pre-activation is below -1,
+    relu switches every hidden unit off (exactly 0), and the output is exactly down.bias at every position.
+
+    Hint: relu sits between the projections (down(relu(up(x)))), not after down; relu(z) is exactly 0 for
+    z < 0, where gelu and leaky relu are not.
+    """
+    config = {"d_ff": d_ff, "activation": "relu", "bias": True}
+    d = shape[-1]
+    x = tensor(seed + 1, *shape, dtype=torch.float64, device=device)
+    params = {name: value.detach().clone().cpu() for name, value in
+              build(impl, "FeedForward", d, config, seed).canonical_state().items()}
+    params["up.bias"] = -params["up.weight"].abs().sum(dim=1) * x.abs().max().item() - 1.0
+    module = build(impl, "FeedForward", d, config, seed, device=device, params=params)
+    assert_equal(
+        module(x), params["down.bias"].to(device).expand(shape), axes=AXES,
+        claim=f"relu FeedForward with every hidden unit off outputs down.bias ((b, s, d)={shape}, d_ff={d_ff})",
+        hint="out = down(relu(up(x))): with every relu output 0, only down's bias remains.",
     )
 
 
@@ -73,7 +104,7 @@ def test_feed_forward_is_position_wise(impl, device, component, shape, seed, dat
     Hint: apply the projections to the feature axis of each position; a reshape that interleaves
     batch and positions (transpose without moving back) sends a position's result elsewhere.
     """
-    config = data.draw(block_configs(component), label="config")
+    config = data.draw(block_configs(impl.offers(component)), label="config")
     b, s, d = shape
     b, s = b + 1, s + 1  # at least two batch elements and two positions
     where = (data.draw(st.integers(0, b - 1), label="at_b"), data.draw(st.integers(0, s - 1), label="at_s"))
@@ -97,7 +128,7 @@ def test_feed_forward_is_equivariant_to_permuting_positions(impl, component, sha
     """Permuting the positions of the input permutes the output the same way (float64, up to rounding:
     a matrix multiply may treat a row differently by where it sits in a block).
     """
-    config = data.draw(block_configs(component), label="config")
+    config = data.draw(block_configs(impl.offers(component)), label="config")
     b, s, d = shape
     b, s = b + 1, s + 1
     perm = torch.tensor(data.draw(st.permutations(range(s)), label="perm"))
@@ -114,7 +145,7 @@ def test_feed_forward_is_equivariant_to_permuting_positions(impl, component, sha
 @given(shape=sequence_shapes(), seed=seeds(), data=st.data())
 def test_feed_forward_batch_elements_are_independent(impl, device, component, shape, seed, data):
     """Changing batch element 0 changes nothing in the other batch elements, bit for bit."""
-    config = data.draw(block_configs(component), label="config")
+    config = data.draw(block_configs(impl.offers(component)), label="config")
     b, s, d = shape
     b, s = b + 1, s + 1
     module = build(impl, component, d, config, seed, device=device)
@@ -157,7 +188,7 @@ def test_feed_forward_passes_gradcheck(impl, component, shape, seed, data):
 
     Hint: ``.detach()`` on the gate or the hidden activations cuts a path of the gradient.
     """
-    config = data.draw(block_configs(component, max_f=4), label="config")
+    config = data.draw(block_configs(impl.offers(component), max_f=4), label="config")
     module = build(impl, component, shape[-1], config, seed)
     gradcheck(
         module, (tensor(seed + 1, *shape, dtype=torch.float64, device="cpu"),),
@@ -175,13 +206,13 @@ def test_feed_forward_parameters_get_finite_nonzero_gradients(impl, component, s
 
     Hint: parameters must be used in forward as themselves, not through ``.data`` or ``.detach()``.
     """
-    config = data.draw(block_configs(component, min_f=16, max_f=20), label="config")
+    config = data.draw(block_configs(impl.offers(component), min_f=16, max_f=20), label="config")
     module = build(impl, component, shape[-1], config, seed)
     x = tensor(seed + 1, *shape, dtype=torch.float64, device="cpu")
     probe = tensor(seed + 2, *shape, dtype=torch.float64, device="cpu")
     backward((module(x) * probe).sum(), module)
     assert_parameters_get_finite_gradients(
-        module.canonical_state(), nonzero="all",
+        module, nonzero="all",
         claim=f"{component}'s parameters get finite, nonzero gradients ({shape}, {config})",
         hint="use the nn.Linear modules (or their .weight) directly; .data and .detach() cut the gradient.",
     )

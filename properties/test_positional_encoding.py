@@ -1,4 +1,8 @@
-"""Properties of SinusoidalPositionalEncoding and LearnedPositionalEmbedding. Spec: spec/positional_encoding.py."""
+"""Properties of SinusoidalPositionalEncoding and LearnedPositionalEmbedding. Spec: spec/positional_encoding.py.
+
+Calls pass ``offset=`` only where the implementation offers it (properties/options.py); a module without
+it is called as ``module(x)``, its chunk starting at position 0.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from hypothesis import strategies as st
 
 import implementations
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
+from properties.options import Offers, draws_options
 from properties.plugin import COMPONENTS, Implementation, backward, draw_parameters
 from properties.probes import expect_value_error, gradcheck
 from properties.strategies import seeds, tensor
@@ -26,7 +31,8 @@ AXES = "b s d"
 
 @dataclass(frozen=True)
 class EncodingCall:
-    """One call: x (b, s, d) at positions offset .. offset + s - 1 of a table with max_len rows."""
+    """One call: x (b, s, d) at positions offset .. offset + s - 1 of a table with max_len rows.
+    ``with_offset``: the call passes ``offset=`` (False: ``module(x)``, and offset is 0)."""
 
     b: int
     s: int
@@ -34,28 +40,40 @@ class EncodingCall:
     max_len: int
     offset: int
     seed: int
+    with_offset: bool = True
 
     def __repr__(self) -> str:
-        return (
-            f"EncodingCall(b={self.b}, s={self.s}, d={self.d}, max_len={self.max_len}, offset={self.offset}, "
-            f"seed={self.seed})"
-        )
+        offset = f"offset={self.offset}" if self.with_offset else "no offset"
+        return f"EncodingCall(b={self.b}, s={self.s}, d={self.d}, max_len={self.max_len}, {offset}, seed={self.seed})"
 
     @property
     def sizes(self) -> dict[str, int]:
         return {"d_model": self.d, "max_len": self.max_len}
 
+    def call(self, module, x: torch.Tensor) -> torch.Tensor:
+        """``module(x, offset=offset)``, or ``module(x)`` for a call without an offset (a raw module too)."""
+        __tracebackhide__ = True
+        return module(x, offset=self.offset) if self.with_offset else module(x)
 
+
+@draws_options(LEARNED, offset=lambda call: call.with_offset)
+@draws_options(SINUSOIDAL, offset=lambda call: call.with_offset)
 @st.composite
-def encoding_calls(draw, *, max_s: int = 8, long_tables: bool = True) -> EncodingCall:
-    """In-range calls; the last allowed offset (max_len - s) is drawn often, since off-by-ones live there."""
+def encoding_calls(draw, offers: Offers, *, max_s: int = 8, long_tables: bool = True) -> EncodingCall:
+    """In-range calls; the last allowed offset (max_len - s) is drawn often, since off-by-ones live there.
+    Without an offset on offer, the call starts at 0 (and s = max_len is drawn often instead)."""
     d = 2 * draw(st.integers(1, 4), label="d/2")
     lengths = st.integers(1, 16) | st.sampled_from([512, 4096]) if long_tables else st.integers(1, 16)
     max_len = draw(lengths, label="max_len")
-    s = draw(st.integers(1, min(max_s, max_len)), label="s")
-    offset = draw(st.just(max_len - s) | st.integers(0, max_len - s), label="offset")
+    with_offset = draw(offers.strategy("offset"), label="with_offset")
+    longest = min(max_s, max_len)
+    # Without an offset the window ends at s - 1: the longest one reaches the table's end.
+    lengths = st.integers(1, longest) if with_offset else st.just(longest) | st.integers(1, longest)
+    s = draw(lengths, label="s")
+    offset = draw(st.just(max_len - s) | st.integers(0, max_len - s), label="offset") if with_offset else 0
     b = draw(st.integers(1, 2), label="b")
-    return EncodingCall(b=b, s=s, d=d, max_len=max_len, offset=offset, seed=draw(seeds(), label="seed"))
+    return EncodingCall(b=b, s=s, d=d, max_len=max_len, offset=offset, seed=draw(seeds(), label="seed"),
+                        with_offset=with_offset)
 
 
 def inputs(call: EncodingCall, dtype=torch.float64, device="cpu") -> torch.Tensor:
@@ -85,17 +103,18 @@ def tables(draw, max_len_limit: int = 16, min_len: int = 1) -> tuple[int, int]:
 
 @pytest.mark.parametrize("component", ENCODINGS)
 @pytest.mark.parametrize("dtype", PRECISIONS)
-@given(call=encoding_calls())
-def test_positional_encoding_agrees_with_reference(impl, device, dtype, component, call):
+@given(data=st.data())
+def test_positional_encoding_agrees_with_reference(impl, device, dtype, component, data):
     """x + table[offset : offset + s] equals the spec's float64 reference (sin in even columns, cos in odd).
 
     Hint: positions start at 0 and token j sits at offset + j; theta_i = 10000^(-2i/d) uses 2i, not i;
     build the sinusoidal table in float64 (a float32 table cast up later keeps 7 digits).
     """
+    call = data.draw(encoding_calls(impl.offers(component)), label="call")
     module = impl.build(component, seed=call.seed, device=device, dtype=dtype, **call.sizes)
     x = inputs(call, dtype, device)
-    out = module(x, offset=call.offset)
-    baseline = OURS.build(component, seed=call.seed, device=device, dtype=dtype, **call.sizes)(x, offset=call.offset)
+    out = call.call(module, x)
+    baseline = call.call(OURS.build(component, seed=call.seed, device=device, dtype=dtype, **call.sizes), x)
     assert_close(
         out, reference(component, call, x), baseline=baseline, axes=AXES,
         claim=f"{component} agrees with the spec's reference ({call}, {dtype})",
@@ -187,28 +206,38 @@ def test_sinusoidal_encoding_gives_distinct_positions_distinct_encodings(impl, d
     )
 
 
+@draws_options(LEARNED, offset=lambda case: case[0].with_offset)
+@draws_options(SINUSOIDAL, offset=lambda case: case[0].with_offset)
 @st.composite
-def out_of_range_calls(draw) -> tuple[EncodingCall, str]:
-    """Calls asking for positions outside 0 .. max_len - 1: past the end, or a negative offset."""
+def out_of_range_calls(draw, offers: Offers) -> tuple[EncodingCall, str]:
+    """Calls asking for positions outside 0 .. max_len - 1: past the end, or a negative offset. Without an
+    offset on offer, past the end means more tokens than max_len."""
     d = 2 * draw(st.integers(1, 3), label="d/2")
     max_len = draw(st.integers(1, 8), label="max_len")
-    s = draw(st.integers(1, 8), label="s")
-    if draw(st.booleans(), label="past_the_end"):
-        offset, why = draw(st.integers(max(0, max_len - s + 1), max_len + 2), label="offset"), "past the end"
+    with_offset = draw(offers.strategy("offset"), label="with_offset")
+    if not with_offset:
+        s = draw(st.integers(max_len + 1, max_len + 3), label="s")
+        offset, why = 0, "past the end"
     else:
-        offset, why = draw(st.integers(-3, -1), label="offset"), "negative offset"
-    return EncodingCall(b=1, s=s, d=d, max_len=max_len, offset=offset, seed=draw(seeds(), label="seed")), why
+        s = draw(st.integers(1, 8), label="s")
+        if draw(st.booleans(), label="past_the_end"):
+            offset, why = draw(st.integers(max(0, max_len - s + 1), max_len + 2), label="offset"), "past the end"
+        else:
+            offset, why = draw(st.integers(-3, -1), label="offset"), "negative offset"
+    call = EncodingCall(b=1, s=s, d=d, max_len=max_len, offset=offset, seed=draw(seeds(), label="seed"),
+                        with_offset=with_offset)
+    return call, why
 
 
 @pytest.mark.parametrize("component", ENCODINGS)
-@given(case=out_of_range_calls())
-def test_positional_encoding_refuses_positions_past_max_len(impl, device, component, case):
+@given(data=st.data())
+def test_positional_encoding_refuses_positions_past_max_len(impl, device, component, data):
     """Positions outside 0 .. max_len - 1 raise ValueError naming the numbers; nothing is returned.
 
     Hint: ``table[offset : offset + s]`` silently returns fewer rows past the end (and a negative offset
     counts from the end); check ``0 <= offset`` and ``offset + s <= max_len`` first.
     """
-    call, why = case
+    call, why = data.draw(out_of_range_calls(impl.offers(component)), label="case")
     module = impl.build(component, seed=call.seed, device=device, dtype=torch.float64, **call.sizes)
     x = inputs(call, device=device)
     claim = (
@@ -217,7 +246,7 @@ def test_positional_encoding_refuses_positions_past_max_len(impl, device, compon
     )
     hint = "raise ValueError(f'... offset={offset}, s={s}, max_len={max_len}') before slicing the table."
     # The raw module: the suite's wrapper would turn the ValueError into a failure.
-    exc = expect_value_error(lambda: module.module(x, offset=call.offset), claim=claim, hint=hint,
+    exc = expect_value_error(lambda: call.call(module.module, x), claim=claim, hint=hint,
                              what=f"for x of shape {tuple(x.shape)} it returned")
     number = call.max_len if why == "past the end" else call.offset
     assert_true(
@@ -238,47 +267,49 @@ def test_sinusoidal_encoding_rejects_odd_width(impl, d):
 
 
 @pytest.mark.requires(LEARNED)
-@given(call=encoding_calls(long_tables=False))
-def test_learned_embedding_gradient_reaches_exactly_the_used_rows(impl, device, call):
+@given(data=st.data())
+def test_learned_embedding_gradient_reaches_exactly_the_used_rows(impl, device, data):
     """d loss / d weight is the upstream gradient summed over the batch on rows offset .. offset + s - 1,
     and exactly zero on every other row.
 
     Hint: index the parameter itself (``self.weight[offset:offset + s]``); ``.data``, ``.detach()`` or a
     copy made in __init__ cut the table off from autograd.
     """
+    call = data.draw(encoding_calls(impl.offers(LEARNED), long_tables=False), label="call")
     module = impl.build(LEARNED, seed=call.seed, device=device, dtype=torch.float64, **call.sizes)
-    weight = module.canonical_state()["weight"]
     x = inputs(call, device=device).requires_grad_()  # so backward runs even if the table is cut off
     upstream = tensor(call.seed + 2, call.b, call.s, call.d, dtype=torch.float64, device=device)
-    backward((module(x, offset=call.offset) * upstream).sum(), module)
+    backward((call.call(module, x) * upstream).sum(), module)
+    grad = module.parameter_gradients()["weight"]
     claim = f"the gradient reaches rows {call.offset} .. {call.offset + call.s - 1} of the table and no others ({call})"
     assert_true(
-        weight.grad is not None, claim=claim, detail="weight.grad is None after backward",
+        grad is not None, claim=claim, detail="weight.grad is None after backward",
         hint="the table must be used through the nn.Parameter, not .data or a detached copy.",
     )
     used = torch.zeros(call.max_len, 1, dtype=torch.bool, device=device)
     used[call.offset : call.offset + call.s] = True
     assert_equal(
-        weight.grad * ~used, torch.zeros_like(weight.grad), axes="p d", claim=claim,
+        grad * ~used, torch.zeros_like(grad), axes="p d", claim=claim,
         hint="only the rows offset .. offset + s - 1 are added to x; an ignored offset uses rows 0 .. s - 1.",
     )
     assert_close(
-        weight.grad[call.offset : call.offset + call.s], upstream.sum(0), axes="s d", claim=claim,
+        grad[call.offset : call.offset + call.s], upstream.sum(0), axes="s d", claim=claim,
         hint="row offset + j receives the gradient of token j, summed over the batch.",
     )
 
 
 @pytest.mark.parametrize("component", ENCODINGS)
-@given(call=encoding_calls(max_s=4, long_tables=False))
-def test_positional_encoding_passes_gradcheck(impl, component, call):
+@given(data=st.data())
+def test_positional_encoding_passes_gradcheck(impl, component, data):
     """float64 gradcheck: the gradient w.r.t. x is the identity (the encoding is added, nothing else).
 
     Hint: ``x += table[...]`` modifies the caller's tensor in place (and fails on a leaf that requires grad);
     return ``x + table[...]``.
     """
+    call = data.draw(encoding_calls(impl.offers(component), max_s=4, long_tables=False), label="call")
     module = impl.build(component, seed=call.seed, dtype=torch.float64, **call.sizes)
     gradcheck(
-        lambda x: module(x, offset=call.offset), (inputs(call),),
+        lambda x: call.call(module, x), (inputs(call),),
         claim=f"{component}'s gradient w.r.t. x is right ({call})",
         hint="add the encoding out of place; do not detach x.",
     )
@@ -286,15 +317,16 @@ def test_positional_encoding_passes_gradcheck(impl, component, call):
 
 @pytest.mark.parametrize("component", ENCODINGS)
 @pytest.mark.parametrize("dtype", PRECISIONS)
-@given(call=encoding_calls(long_tables=False))
-def test_positional_encoding_preserves_dtype_and_device(impl, device, dtype, component, call):
+@given(data=st.data())
+def test_positional_encoding_preserves_dtype_and_device(impl, device, dtype, component, data):
     """The output has x's dtype and device, for a module moved to that dtype and device.
 
     Hint: a table kept as a plain attribute (not ``register_buffer``) is not moved or cast by ``.to()``.
     """
+    call = data.draw(encoding_calls(impl.offers(component), long_tables=False), label="call")
     module = impl.build(component, seed=call.seed, device=device, dtype=dtype, **call.sizes)
     x = inputs(call, dtype, device)
-    out = module(x, offset=call.offset)
+    out = call.call(module, x)
     assert_true(
         out.dtype == dtype and out.device == x.device,
         claim=f"{component} preserves dtype and device ({call})",

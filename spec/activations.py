@@ -33,6 +33,17 @@ Conventions (pinned, with the reason)
 * Computed in the dtype of x (``F.softmax`` and ``F.gelu`` do the same; they accumulate in float32
   internally for half inputs).
 
+Options (declarable; properties/options.py)
+-------------------------------------------
+* gelu ``approximate`` (call keyword): "none" (default) or "tanh". A gelu with one form built in (GPT-2's
+  ``new_gelu``) declares it, ``gelu.spec_options = {"approximate": "tanh"}``: it is called without the
+  keyword and judged as that form; the properties about the other form are skipped.
+* softmax ``mask`` (input): True (default) if the call takes ``mask=``; False for a plain softmax.
+* softmax ``empty_rows`` (input): True (default) if a row with every entry masked gives zeros, the
+  pinned convention, which its own property checks. The other properties never draw such a row, so
+  an implementation with another convention (NaN, as ``F.softmax`` over -inf) declares
+  ``empty_rows=False`` and is judged on everything else.
+
 Canonical parameters
 --------------------
 None: these are functions.
@@ -44,7 +55,7 @@ both ways; gelu(x) - gelu(-x) = x and gelu(0) = 0; the tanh form stays within 4.
 one; the exact form is not the tanh approximation; float64 gradcheck.
 softmax: agrees with this reference and with ``F.softmax`` (masking done as above); rows sum to 1;
 invariant to adding a constant to each row; finite for |x| ~ 1e4; masked entries exactly 0; fully
-masked rows are zeros; float64 gradcheck.
+masked rows are zeros (the only property that draws one); float64 gradcheck.
 """
 
 from __future__ import annotations
@@ -53,7 +64,9 @@ import math
 
 import numpy as np
 
-from spec.registry import Component, component, same_shape_as_first_input
+from spec.registry import Component, Option, boolean, component, same_shape_as_first_input
+
+APPROXIMATIONS = ("none", "tanh")
 
 GELU = component(
     Component(
@@ -62,6 +75,9 @@ GELU = component(
         family="activations",
         summary="x * Phi(x) (approximate='none') or its tanh approximation (approximate='tanh')",
         output_shape=same_shape_as_first_input,
+        options=(
+            Option("approximate", APPROXIMATIONS, "call", "'none': the exact erf form; 'tanh': GPT-2's approximation"),
+        ),
     )
 )
 SOFTMAX = component(
@@ -71,6 +87,10 @@ SOFTMAX = component(
         family="activations",
         summary="softmax along dim over the kept entries (mask True = keep); masked and empty rows give 0",
         output_shape=same_shape_as_first_input,
+        options=(
+            boolean("mask", "the call takes a boolean keep-mask (True = keep)", argument="mask"),
+            boolean("empty_rows", "a row with every entry masked gives zeros (checked by its own property)"),
+        ),
     )
 )
 
@@ -88,7 +108,7 @@ def gelu(x: np.ndarray, *, approximate: str = "none") -> np.ndarray:
         return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
     if approximate == "tanh":
         return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-    raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
 
 
 def softmax(x: np.ndarray, *, dim: int = -1, mask: np.ndarray | None = None) -> np.ndarray:

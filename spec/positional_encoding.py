@@ -42,6 +42,12 @@ Conventions (pinned, with the reason)
   check is 1e-9).
 * The output has the dtype and device of x (the table's rows are cast to x's dtype before adding).
 
+Options (declarable; properties/options.py)
+-------------------------------------------
+* ``offset`` (input, both): True (default) if the call takes ``offset=``; False for a module that always
+  starts at position 0 (``forward(x)``, the PyTorch tutorial's). Without it the properties call
+  ``module(x)``, so positions are 0 .. s - 1, and out-of-range calls are s > max_len.
+
 Canonical parameters
 --------------------
     SinusoidalPositionalEncoding   none (the table is a fixed buffer)
@@ -50,7 +56,7 @@ Canonical parameters
 Properties (properties/test_positional_encoding.py)
 ---------------------------------------------------
 both: agree with this reference in float64, float32 and (CUDA) half precision; refuse positions past
-max_len with ValueError; float64 gradcheck; dtype and device are preserved.
+max_len (or a negative offset) with ValueError; float64 gradcheck; dtype and device are preserved.
 sinusoidal: values lie in [-1, 1]; PE(p + k) is the same block-diagonal rotation of PE(p) for every p,
 the rotation whose cos/sin are read off PE(k); PE(p) . PE(q) depends only on p - q; distinct positions
 get distinct encodings; odd d_model is rejected.
@@ -62,9 +68,11 @@ from __future__ import annotations
 import numpy as np
 from einops import rearrange
 
-from spec.registry import Component, Param, component, same_shape_as_first_input
+from spec.registry import Component, Param, boolean, component, same_shape_as_first_input
 
 SINUSOIDAL_BASE = 10000.0
+OFFSET = boolean("offset", "the call takes offset= (where the chunk starts; False: always position 0)",
+                 argument="offset")
 
 SINUSOIDAL_POSITIONAL_ENCODING = component(
     Component(
@@ -73,6 +81,7 @@ SINUSOIDAL_POSITIONAL_ENCODING = component(
         family="positional_encoding",
         summary="x + the fixed sin/cos table of the original transformer, from position offset",
         output_shape=same_shape_as_first_input,
+        options=(OFFSET,),
     )
 )
 LEARNED_POSITIONAL_EMBEDDING = component(
@@ -81,8 +90,9 @@ LEARNED_POSITIONAL_EMBEDDING = component(
         kind="module",
         family="positional_encoding",
         summary="x + rows offset .. offset + s - 1 of a learned (max_len, d) table",
-        parameters=lambda *, d_model, max_len: {"weight": Param((max_len, d_model), "embedding")},
+        parameters=lambda *, d_model, max_len, **_: {"weight": Param((max_len, d_model), "embedding")},
         output_shape=same_shape_as_first_input,
+        options=(OFFSET,),
     )
 )
 

@@ -1,8 +1,8 @@
 """PyTorch's normalization layers under the spec's names: ``nn.LayerNorm`` and ``nn.RMSNorm``.
 
 Conventions converted here (and only here):
-* Constructors take the spec's keywords (``d_model``, ``eps``) and pass eps explicitly: ``nn.RMSNorm``'s
-  default ``eps=None`` would mean ``finfo(dtype).eps``, not the spec's 1e-6.
+* Constructors take the spec's keywords (``d_model``, ``eps``, LayerNorm's ``bias``) and pass eps
+  explicitly: ``nn.RMSNorm``'s default ``eps=None`` would mean ``finfo(dtype).eps``, not the spec's 1e-6.
 * Half precision: the spec computes norms of float16/bfloat16 inputs in float32 and casts back. Whether
   ``nn.RMSNorm`` does so has depended on the torch version and backend (pytorch PR #133085), so
   ``RMSNorm`` here runs ``F.rms_norm`` on float32 copies of x and the weight for half inputs and casts
@@ -26,10 +26,10 @@ __all__ = ["LayerNorm"] + (["RMSNorm"] if HAS_RMS_NORM else [])
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm(d_model, eps=eps)``: elementwise affine with weight and bias, last axis only."""
+    """``nn.LayerNorm(d_model, eps=eps, bias=bias)``: elementwise affine with weight (and bias), last axis only."""
 
-    def __init__(self, *, d_model: int, eps: float = 1e-5) -> None:
-        super().__init__(d_model, eps=eps)
+    def __init__(self, *, d_model: int, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__(d_model, eps=eps, bias=bias)
 
 
 if HAS_RMS_NORM:

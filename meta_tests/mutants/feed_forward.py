@@ -22,11 +22,12 @@ def _position_rows(x, bug):
 
 def buggy_feed_forward(bug: str):
     class FeedForward(nn.Module):
-        def __init__(self, *, d_model: int, d_ff: int, activation: str = "relu") -> None:
+        def __init__(self, *, d_model: int, d_ff: int, activation: str = "relu", bias: bool = True) -> None:
             super().__init__()
-            self.activation = activation
-            self.up = nn.Linear(d_model, d_ff)
-            self.down = nn.Linear(d_ff, d_model)
+            self.activation = "gelu" if bug == "activation_ignored_always_gelu" else activation
+            keep_bias = True if bug == "bias_ignored" else bias  # nn.Linear(d, f) without passing bias=bias
+            self.up = nn.Linear(d_model, d_ff, bias=keep_bias)
+            self.down = nn.Linear(d_ff, d_model, bias=keep_bias)
 
         def act(self, z):
             if self.activation == "relu":
@@ -69,7 +70,13 @@ def buggy_swiglu(bug: str):
 
 FEED_FORWARD_CATALOG = {
     "activation_after_down": ("the activation is applied after the down projection",
-                              ["test_feed_forward_agrees_with_reference"]),
+                              ["test_feed_forward_agrees_with_reference",
+                               "test_relu_feed_forward_with_every_hidden_unit_off_outputs_the_down_bias"]),
+    "activation_ignored_always_gelu": ("the activation argument is ignored: gelu (nn.GELU()) whatever is asked",
+                                       ["test_feed_forward_agrees_with_reference",
+                                        "test_relu_feed_forward_with_every_hidden_unit_off_outputs_the_down_bias"]),
+    "bias_ignored": ("bias=False is ignored: both nn.Linear keep their (randomly initialised) biases",
+                     ["test_feed_forward_agrees_with_reference"]),
     "gelu_is_tanh": ("activation='gelu' uses the tanh approximation, not the exact form",
                      ["test_feed_forward_agrees_with_reference"]),
     "batch_and_positions_interleaved": ("rows flattened positions-first and reshaped back batch-first",

@@ -16,11 +16,11 @@ HALF = (torch.float16, torch.bfloat16)
 
 def buggy_layer_norm(bug: str):
     class LayerNorm(nn.Module):
-        def __init__(self, *, d_model: int, eps: float = 1e-5) -> None:
+        def __init__(self, *, d_model: int, eps: float = 1e-5, bias: bool = True) -> None:
             super().__init__()
             self.eps = eps
             self.weight = nn.Parameter(torch.ones(d_model), requires_grad=bug != "frozen_weight")
-            self.bias = nn.Parameter(torch.zeros(d_model))
+            self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None
 
         def forward(self, x):
             upcast = x.dtype in HALF and bug != "computed_in_half"
@@ -42,8 +42,11 @@ def buggy_layer_norm(bug: str):
                 normed = centred * torch.rsqrt(var + eps).detach()
             else:
                 normed = centred * torch.rsqrt(var + eps)
+            if bug == "affine_only_with_bias":  # `if self.bias is not None:` guarding the whole affine
+                out = normed if self.bias is None else normed * self.weight.to(h.dtype) + self.bias.to(h.dtype)
+                return out.to(x.dtype)
             out = normed * self.weight.to(h.dtype)
-            if bug != "no_bias":
+            if bug != "no_bias" and self.bias is not None:
                 out = out + self.bias.to(h.dtype)
             return out.to(x.dtype)
 
@@ -98,6 +101,8 @@ LAYER_NORM_CATALOG = {
                          ["test_norm_does_not_overflow_in_float16"]),
     "frozen_weight": ("weight created with requires_grad=False", ["test_norm_parameters_get_finite_nonzero_gradients"]),
     "detached_std": ("1 / sqrt(var + eps) detached (a stop-gradient shortcut)", ["test_norm_passes_gradcheck"]),
+    "affine_only_with_bias": ("with bias=False the weight is skipped too (the affine sits under `if self.bias`)",
+                              ["test_norm_agrees_with_reference", "test_layer_norm_affine_acts_elementwise"]),
 }
 
 RMS_NORM_CATALOG = {
