@@ -37,6 +37,7 @@ class DecoderOnlyLM(nn.Module):
         norm: str = "rms",
         activation: str = "swiglu",
         tie_weights: bool = False,
+        bias: bool = True,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -60,10 +61,11 @@ class DecoderOnlyLM(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
             DecoderLayer(d_model=d_model, n_head=n_head, d_ff=d_ff, n_kv_head=n_kv_head, cross_attention=False,
-                         norm_first=True, dropout=dropout, activation=activation, norm=norm, eps=EPS, rotary=rotary)
+                         norm_first=True, dropout=dropout, activation=activation, norm=norm, eps=EPS, bias=bias,
+                         rotary=rotary)
             for _ in range(n_layer)
         )
-        self.final_norm = make_norm(d_model=d_model, norm=norm, eps=EPS)
+        self.final_norm = make_norm(d_model=d_model, norm=norm, eps=EPS, bias=bias)
         self.head = None if tie_weights else nn.Linear(d_model, vocab_size, bias=False)
 
     # -- pieces (small methods, so each step of the math has one place) ---------------------------------

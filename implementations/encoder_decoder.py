@@ -35,7 +35,11 @@ class EncoderDecoderModel(nn.Module):
         max_len: int,
         norm_first: bool = False,
         dropout: float = 0.0,
+        activation: str = "relu",
+        eps: float = 1e-5,
     ) -> None:
+        # activation and eps are conventions of the spec (relu, 1e-5): a model may declare others; ours takes
+        # them as keywords so that the suite can build it alike as a baseline.
         super().__init__()
         if min(src_vocab_size, tgt_vocab_size, n_layer) <= 0:
             raise ValueError(f"sizes must be positive: src_vocab_size={src_vocab_size}, "
@@ -44,11 +48,12 @@ class EncoderDecoderModel(nn.Module):
         self.src_embed = nn.Embedding(src_vocab_size, d_model)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model)
         self.positions = SinusoidalPositionalEncoding(d_model=d_model, max_len=max_len)
-        layer = dict(d_model=d_model, n_head=n_head, d_ff=d_ff, norm_first=norm_first, dropout=dropout)
+        layer = dict(d_model=d_model, n_head=n_head, d_ff=d_ff, norm_first=norm_first, dropout=dropout,
+                     activation=activation, eps=eps)
         self.encoder = nn.ModuleList(EncoderLayer(**layer) for _ in range(n_layer))
         self.decoder = nn.ModuleList(DecoderLayer(cross_attention=True, **layer) for _ in range(n_layer))
-        self.encoder_norm = LayerNorm(d_model=d_model) if norm_first else None
-        self.decoder_norm = LayerNorm(d_model=d_model) if norm_first else None
+        self.encoder_norm = LayerNorm(d_model=d_model, eps=eps) if norm_first else None
+        self.decoder_norm = LayerNorm(d_model=d_model, eps=eps) if norm_first else None
         self.head = nn.Linear(d_model, tgt_vocab_size, bias=False)
         self.dropout = nn.Dropout(dropout)
 

@@ -37,18 +37,23 @@ class EncoderOnlyModel(nn.Module):
         n_outputs: int,
         norm_first: bool = False,
         dropout: float = 0.0,
+        activation: str = "relu",
+        eps: float = 1e-5,
     ) -> None:
+        # activation and eps are conventions of the spec (relu, 1e-5): a model may declare others; ours takes
+        # them as keywords so that the suite can build it alike as a baseline.
         super().__init__()
         if min(vocab_size, n_layer, n_outputs) <= 0:
             raise ValueError(f"sizes must be positive: vocab_size={vocab_size}, n_layer={n_layer}, n_outputs={n_outputs}")
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos = LearnedPositionalEmbedding(d_model=d_model, max_len=max_len)
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model=d_model, n_head=n_head, d_ff=d_ff, norm_first=norm_first, dropout=dropout)
+            EncoderLayer(d_model=d_model, n_head=n_head, d_ff=d_ff, norm_first=norm_first, dropout=dropout,
+                         activation=activation, eps=eps)
             for _ in range(n_layer)
         )
         # A pre-norm stack never normalises its residual stream, so it ends with a norm; post-norm already did.
-        self.final_norm = LayerNorm(d_model=d_model) if norm_first else None
+        self.final_norm = LayerNorm(d_model=d_model, eps=eps) if norm_first else None
         self.head = nn.Linear(d_model, n_outputs)
         self.dropout = nn.Dropout(dropout)
 

@@ -13,20 +13,25 @@ from implementations.normalization import LayerNorm, RMSNorm
 __all__ = ["EncoderLayer", "DecoderLayer"]
 
 
-def make_feed_forward(*, d_model: int, d_ff: int, activation: str) -> nn.Module:
+def make_feed_forward(*, d_model: int, d_ff: int, activation: str, bias: bool = True) -> nn.Module:
     if activation == "swiglu":
-        return SwiGLU(d_model=d_model, d_ff=d_ff)
+        return SwiGLU(d_model=d_model, d_ff=d_ff)  # bias-free by definition
     if activation in ("relu", "gelu"):
-        return FeedForward(d_model=d_model, d_ff=d_ff, activation=activation)
+        return FeedForward(d_model=d_model, d_ff=d_ff, activation=activation, bias=bias)
     raise ValueError(f"activation must be relu, gelu or swiglu, got {activation!r}")
 
 
-def make_norm(*, d_model: int, norm: str, eps: float) -> nn.Module:
+def make_norm(*, d_model: int, norm: str, eps: float, bias: bool = True) -> nn.Module:
     if norm == "layer":
-        return LayerNorm(d_model=d_model, eps=eps)
+        return LayerNorm(d_model=d_model, eps=eps, bias=bias)
     if norm == "rms":
-        return RMSNorm(d_model=d_model, eps=eps)
+        return RMSNorm(d_model=d_model, eps=eps)  # no bias by definition
     raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+
+
+def check_dropout(dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
 
 def residual(x: Tensor, sublayer, norm: nn.Module, dropout: nn.Module, *, norm_first: bool) -> Tensor:
@@ -37,6 +42,9 @@ def residual(x: Tensor, sublayer, norm: nn.Module, dropout: nn.Module, *, norm_f
 
 
 class EncoderLayer(nn.Module):
+    """Self-attention and feed-forward sublayers, post-norm or pre-norm; bias=False removes every bias (the
+    projections' and the LayerNorms'), as nn.TransformerEncoderLayer(bias=False) does."""
+
     def __init__(
         self,
         *,
@@ -47,14 +55,14 @@ class EncoderLayer(nn.Module):
         dropout: float = 0.0,
         activation: str = "relu",
         eps: float = 1e-5,
+        bias: bool = True,
     ) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.self_attn = MultiHeadAttention(d_model=d_model, n_head=n_head)
-        self.ff = make_feed_forward(d_model=d_model, d_ff=d_ff, activation=activation)
-        self.self_attn_norm = LayerNorm(d_model=d_model, eps=eps)
-        self.ff_norm = LayerNorm(d_model=d_model, eps=eps)
+        check_dropout(dropout)
+        self.self_attn = MultiHeadAttention(d_model=d_model, n_head=n_head, bias=bias)
+        self.ff = make_feed_forward(d_model=d_model, d_ff=d_ff, activation=activation, bias=bias)
+        self.self_attn_norm = LayerNorm(d_model=d_model, eps=eps, bias=bias)
+        self.ff_norm = LayerNorm(d_model=d_model, eps=eps, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first
 
@@ -65,6 +73,9 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Causal self-attention (MHA, or GQA with n_kv_head; RoPE with rotary; a KVCache per call), optional
+    cross-attention over a memory, and a feed-forward; LayerNorm or RMSNorm; bias=False removes every bias."""
+
     def __init__(
         self,
         *,
@@ -78,20 +89,22 @@ class DecoderLayer(nn.Module):
         activation: str = "relu",
         norm: str = "layer",
         eps: float = 1e-5,
+        bias: bool = True,
         rotary: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         if n_kv_head is None:
-            self.self_attn = MultiHeadAttention(d_model=d_model, n_head=n_head, rotary=rotary)
+            self.self_attn = MultiHeadAttention(d_model=d_model, n_head=n_head, rotary=rotary, bias=bias)
         else:
-            self.self_attn = GroupedQueryAttention(d_model=d_model, n_head=n_head, n_kv_head=n_kv_head, rotary=rotary)
-        self.self_attn_norm = make_norm(d_model=d_model, norm=norm, eps=eps)
-        self.cross_attn = CrossAttention(d_model=d_model, n_head=n_head) if cross_attention else None
-        self.cross_attn_norm = make_norm(d_model=d_model, norm=norm, eps=eps) if cross_attention else None
-        self.ff = make_feed_forward(d_model=d_model, d_ff=d_ff, activation=activation)
-        self.ff_norm = make_norm(d_model=d_model, norm=norm, eps=eps)
+            self.self_attn = GroupedQueryAttention(d_model=d_model, n_head=n_head, n_kv_head=n_kv_head, rotary=rotary,
+                                                   bias=bias)
+        norms = dict(d_model=d_model, norm=norm, eps=eps, bias=bias)
+        self.self_attn_norm = make_norm(**norms)
+        self.cross_attn = CrossAttention(d_model=d_model, n_head=n_head, bias=bias) if cross_attention else None
+        self.cross_attn_norm = make_norm(**norms) if cross_attention else None
+        self.ff = make_feed_forward(d_model=d_model, d_ff=d_ff, activation=activation, bias=bias)
+        self.ff_norm = make_norm(**norms)
         self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first
 

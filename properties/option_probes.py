@@ -22,6 +22,9 @@ from torch import Tensor
 
 TRIES = 4
 _attempts: dict[tuple[str, str, str], int] = {}
+# Verdicts are sticky: once an option is found ignored, every later call of that component says so, so that
+# Hypothesis' replay of the failing example (when the probe itself no longer runs) fails the same way.
+_verdicts: dict[tuple[str, str], str] = {}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -46,6 +49,8 @@ def ignored_option(checked: Any, args: tuple, kwargs: dict) -> str | None:
     """A sentence naming an option ``checked`` (a CheckedModule or CheckedFunction that was just called
     with ``args``/``kwargs``) accepts but ignores, or None."""
     label, offers, entry = checked.label, checked.offers, checked.entry
+    if (label, entry.name) in _verdicts:
+        return _verdicts[(label, entry.name)]
     impl = getattr(checked, "impl", None)
     if label == "ours" or impl is None or "cache" in kwargs:
         return None
@@ -77,12 +82,13 @@ def ignored_option(checked: Any, args: tuple, kwargs: dict) -> str | None:
         _attempts[key] = TRIES
         if theirs_a.shape == theirs_b.shape and torch.equal(theirs_a, theirs_b):
             where = "constructed with" if opt.kind == "init" else "called with"
-            return (
+            _verdicts[(label, entry.name)] = (
                 f"accepts {opt.name} but ignores it: {where} {opt.name}={current!r} and {opt.name}={other!r} it "
                 f"returns bit-identical outputs on the same input, where the spec's outputs differ (largest "
                 f"difference {float((ours_a - ours_b).abs().max()):.3g}). Use the argument (or, if it has "
                 f"one {opt.name} built in, declare it: spec_options = {{{opt.name!r}: {current!r}}})."
             )
+            return _verdicts[(label, entry.name)]
     return None
 
 

@@ -3,17 +3,17 @@ Spec: spec/layers.py.
 
 Options an implementation lacks
 -------------------------------
-A layer class may list the spec options it does not offer in a class attribute ``unsupported_options``
-("option=value", or a bare option name for any value but the default), as the PyTorch adapter does
-(nn.Transformer*Layer has no SwiGLU, RMSNorm, GQA, RoPE or KV cache). The configurations below are drawn
-from the options the implementation offers, so such a layer is checked on everything it does support and
-never failed for what it declared it lacks. Our implementation, like the spec, offers every option.
+Every configuration is drawn from what the implementation's layer offers (its ``spec_options``,
+properties/options.py): a layer built as GPT-2's block (pre-norm, gelu, no cross-attention, no GQA, no
+RoPE, no cache) is checked on exactly that, and the properties that need something else are skipped,
+naming it (``@pytest.mark.needs``). Options a property does not draw take ``offers.default(option)``,
+and the reference follows the same value. Our implementation, like the spec, offers every option.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -24,36 +24,36 @@ from torch import Tensor, nn
 
 import implementations
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
-from properties.plugin import (
-    CheckedModule,
-    ComponentFailure,
-    Implementation,
-    backward,
-    describe_call,
-    draw_parameters,
-)
+from properties.options import Offers, draws_options, narrowed
+from properties.plugin import CheckedModule, ComponentFailure, Implementation, backward, describe_call, draw_parameters
 from properties.strategies import Mask, chunkings, padding_masks, seeds, tensor
 from spec import COMPONENTS
 from spec.kv_cache import split_points
-from spec.layers import ACTIVATIONS, NORMS, decoder_layer, encoder_layer
+from spec.layers import decoder_layer, encoder_layer
 
 OURS = Implementation("ours", implementations)
 LAYERS = ["EncoderLayer", "DecoderLayer"]
 AXES = "b s d"
-EPS = 1e-5
 
 
-def offers(impl: Implementation | None, component: str, option: str, value: Any = None) -> bool:
-    """Whether ``impl``'s ``component`` offers ``option`` (= ``value``); see the module docstring."""
-    if impl is None:
-        return True
-    declared = getattr(impl.raw(component), "unsupported_options", ())
-    return option not in declared and f"{option}={value}" not in declared
+def relu_or_gelu(activation: str) -> bool:
+    """relu or gelu"""
+    return activation in ("relu", "gelu")
+
+
+def smooth(activation: str) -> bool:
+    """gelu or swiglu (smooth: no unit is dead everywhere)"""
+    return activation in ("gelu", "swiglu")
+
+
+def positive(p: float) -> bool:
+    """a positive probability"""
+    return p > 0
 
 
 @dataclass(frozen=True)
 class LayerCase:
-    """One layer configuration, sizes named by the shape glossary (t = memory length)."""
+    """One layer configuration, sizes named by the shape glossary (t = memory length), with its options."""
 
     component: str
     b: int
@@ -65,11 +65,13 @@ class LayerCase:
     seed: int
     norm_first: bool = False
     activation: str = "relu"
+    eps: float = 1e-5
+    bias: bool = True
+    dropout: float = 0.0
     cross: bool = False  # DecoderLayer with cross-attention over a memory
     norm: str = "layer"
-    g: int | None = None  # n_kv_head (DecoderLayer only)
+    g: int | None = None  # n_kv_head (DecoderLayer only; None: the keyword is not passed)
     rope: tuple[float, str] | None = None  # (base, pairing) of a RotaryEmbedding (DecoderLayer only)
-    dropout: float = 0.0
 
     @property
     def d(self) -> int:
@@ -79,13 +81,14 @@ class LayerCase:
     def decoder(self) -> bool:
         return self.component == "DecoderLayer"
 
-    def ctor(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:
+        """The constructor's keywords: every option's value, default or drawn (build drops the ones the
+        implementation has built in), and n_kv_head only where drawn."""
         kw: dict[str, Any] = {"d_model": self.d, "n_head": self.h, "d_ff": self.f, "norm_first": self.norm_first,
-                              "dropout": self.dropout, "activation": self.activation}
+                              "activation": self.activation, "eps": self.eps, "bias": self.bias,
+                              "dropout": self.dropout}
         if self.decoder:
-            kw["cross_attention"] = self.cross
-            if self.norm != "layer":
-                kw["norm"] = self.norm
+            kw |= {"cross_attention": self.cross, "norm": self.norm}
             if self.g is not None:
                 kw["n_kv_head"] = self.g
         return kw
@@ -93,18 +96,13 @@ class LayerCase:
     def build(self, impl: Implementation, device="cpu", dtype=torch.float64, **kw) -> CheckedModule:
         __tracebackhide__ = True
         extra: dict[str, Any] = {}
-        if self.rope is not None:
-            config = {"head_dim": self.e, "base": self.rope[0], "pairing": self.rope[1]}
-            try:
-                extra["rotary"] = impl.raw("RotaryEmbedding")(**config)
-            except Exception as exc:  # noqa: BLE001 (any failure to build it is the implementation's)
-                raise ComponentFailure(
-                    f"{impl}: {describe_call('RotaryEmbedding', config)} raised {type(exc).__name__}: {exc}"
-                ) from None
-        return impl.build(self.component, seed=self.seed, device=device, dtype=dtype, **self.ctor(), **extra, **kw)
+        if self.rope is not None:  # the implementation's own RotaryEmbedding, built as it offers
+            extra["rotary"] = impl.build("RotaryEmbedding", seed=self.seed, device=device, dtype=dtype,
+                                         head_dim=self.e, base=self.rope[0], pairing=self.rope[1]).module
+        return impl.build(self.component, seed=self.seed, device=device, dtype=dtype, **self.config(), **extra, **kw)
 
     def canonical_parameters(self) -> dict[str, Tensor]:
-        return draw_parameters(COMPONENTS[self.component].parameters(**self.ctor()), self.seed)
+        return draw_parameters(COMPONENTS[self.component].parameters(**self.config()), self.seed)
 
     def inputs(self, device="cpu", dtype=torch.float64) -> tuple[Tensor, Tensor | None]:
         x = tensor(self.seed + 1, self.b, self.s, self.d, dtype=dtype, device=device)
@@ -113,7 +111,8 @@ class LayerCase:
 
     def call(self, module, x: Tensor, memory: Tensor | None = None, *, keep=None, memory_keep=None,
              cache=None) -> Tensor:
-        """Call with key padding masks (b, s) / (b, t) (numpy or tensor, True = real token), or None."""
+        """Call with key padding masks (b, s) / (b, t) (numpy or tensor, True = real token), or None;
+        only the arguments given are passed."""
         __tracebackhide__ = True
         kwargs: dict[str, Any] = {}
         if keep is not None:
@@ -132,11 +131,11 @@ class LayerCase:
         key_mask = lambda k: None if k is None else np.asarray(k)[:, None, None, :]
         if not self.decoder:
             return encoder_layer(params, as_np(x), n_head=self.h, norm_first=self.norm_first,
-                                 activation=self.activation, eps=EPS, mask=key_mask(keep))
+                                 activation=self.activation, eps=self.eps, mask=key_mask(keep))
         rope = None if self.rope is None else {"base": self.rope[0], "pairing": self.rope[1]}
         return decoder_layer(params, as_np(x), as_np(memory), n_head=self.h, n_kv_head=self.g,
                              cross_attention=self.cross, norm_first=self.norm_first, activation=self.activation,
-                             norm=self.norm, eps=EPS, mask=key_mask(keep), memory_mask=key_mask(memory_keep),
+                             norm=self.norm, eps=self.eps, mask=key_mask(keep), memory_mask=key_mask(memory_keep),
                              rope=rope)
 
     def __repr__(self) -> str:
@@ -146,74 +145,111 @@ class LayerCase:
             opts += [f"norm={self.norm}"] if self.norm != "layer" else []
             opts += [f"n_kv_head={self.g}"] if self.g is not None else []
             opts += [f"rotary(base={self.rope[0]}, pairing={self.rope[1]})"] if self.rope is not None else []
+        opts += [f"eps={self.eps:g}"] if self.eps != 1e-5 else []
+        opts += ["bias=False"] if not self.bias else []
         opts += [f"dropout={self.dropout}"] if self.dropout else []
         sizes = f"b={self.b}, s={self.s}" + (f", t={self.t}" if self.cross else "")
         return f"{self.component}({', '.join(opts)}; {sizes}, h={self.h}, e={self.e}, d={self.d}, f={self.f})"
 
 
+def _rope_values(rope: Offers | None, option: str, spec_values: tuple) -> tuple:
+    """RotaryEmbedding's offered values of ``option`` (its spec may not list the option: then ours)."""
+    if rope is None or option not in rope.values:
+        return spec_values
+    return rope.offered(option)
+
+
+_DRAWN = dict(norm_first=lambda c: c.norm_first, activation=lambda c: c.activation, eps=lambda c: c.eps,
+              bias=lambda c: c.bias)
+
+
+@draws_options("EncoderLayer", **_DRAWN)
+@draws_options("DecoderLayer", **_DRAWN, norm=lambda c: c.norm, cross_attention=lambda c: c.cross,
+               n_kv_head=lambda c: c.g is not None, rotary=lambda c: c.rope is not None)
 @st.composite
 def layer_cases(
     draw,
-    component: str,
-    impl: Implementation | None = None,
+    offers: Offers,
     *,
     norm_first: bool | None = None,
     cross: bool | None = None,
-    torch_options: bool = False,
-    activations: tuple[str, ...] = ACTIVATIONS,
+    activation: Callable[[str], bool] | None = None,
+    dropout: float | None = None,
     min_len: int = 1,
-    min_d: int = 1,
+    min_d: int = 2,
     min_b: int = 1,
-    dropout: float | None = 0.0,
+    rope: Offers | None = None,
     cached: bool = False,
 ) -> LayerCase:
-    """A small layer configuration with the options ``impl`` offers.
+    """A small configuration of the offers' layer, with the options it offers.
 
-    torch_options: only what nn.Transformer*Layer offers (LayerNorm, relu/gelu, MHA, no RoPE).
-    cached:        decoder-only with grouped-query attention and RoPE (the KV-cache configuration).
-    dropout:       None draws a positive dropout probability.
+    norm_first, cross: a value the property needs (with ``needs``), or None to draw the offered ones.
+    activation:        a predicate the drawn activation must satisfy (``needs(activation=...)`` on the
+                       property), or None for any offered one.
+    dropout:           the dropout probability (None: ``offers.default("dropout")``).
+    rope:              RotaryEmbedding's offers (its base and pairing), or None for the spec's.
+    cached:            grouped-query attention and RoPE wherever offered (the paths a KV cache must get right).
+    Sizes: b <= 2, s, t <= 5, h <= 2, e <= 4, f <= 16, d >= min_d; e is even when RoPE may be drawn.
+    d >= 2 by default: over one feature a LayerNorm returns its bias whatever the input (a pinned corner
+    case the norm properties check), so a layer of width 1 would test nothing else, and a norm convention
+    at d = 1 (unbiased variance: 0/0) would hide every other claim.
     """
-    decoder = component == "DecoderLayer"
+    decoder = offers.component == "DecoderLayer"
     b = draw(st.integers(min_b, 2), label="b")
     s = draw(st.integers(min_len, 5), label="s")
     h = draw(st.integers(1, 2), label="h")
-    e_min = max(1, -(-min_d // h))
-    e = 2 * draw(st.integers(1, 2), label="e/2") if cached else draw(st.integers(e_min, 4), label="e")
+    if decoder and (not offers.offers("rotary", False) or (cached and offers.offers("rotary"))):
+        e = 2 * draw(st.integers(max(1, -(-min_d // (2 * h))), 2), label="e/2")  # RoPE always: even widths
+    else:
+        e = draw(st.integers(max(1, -(-min_d // h)), 4), label="e")
     f = draw(st.integers(1, 16), label="f")
     if norm_first is None:
-        norm_first = draw(st.booleans(), label="norm_first")
-    if torch_options:
-        activations = tuple(a for a in activations if a != "swiglu")
-    activations = tuple(a for a in activations if offers(impl, component, "activation", a))
-    activation = draw(st.sampled_from(activations), label="activation")
-    p = draw(st.floats(0.1, 0.5), label="dropout") if dropout is None else dropout
-    case = LayerCase(component, b=b, s=s, t=s, h=h, e=e, f=f, seed=draw(seeds(), label="seed"),
-                     norm_first=norm_first, activation=activation, dropout=p)
+        norm_first = draw(offers.strategy("norm_first"), label="norm_first")
+    activations = offers.offered("activation") if activation is None else offers.where("activation", activation)
+    case = LayerCase(
+        offers.component, b=b, s=s, t=s, h=h, e=e, f=f, seed=draw(seeds(), label="seed"), norm_first=norm_first,
+        activation=draw(st.sampled_from(activations), label="activation"),
+        eps=draw(offers.strategy("eps"), label="eps"), bias=draw(offers.strategy("bias"), label="bias"),
+        dropout=offers.default("dropout") if dropout is None else dropout,
+    )
     if not decoder:
         return case
-    if cached:
-        cross = False
-    elif cross is None:
-        cross = draw(st.booleans(), label="cross_attention")
+    if cross is None:
+        cross = draw(offers.strategy("cross_attention"), label="cross_attention")
     t = draw(st.integers(min_len, 5), label="t") if cross else s
-    norms = ("layer",) if torch_options else tuple(n for n in NORMS if offers(impl, component, "norm", n))
-    norm = draw(st.sampled_from(norms), label="norm")
-    g = rope = None
-    kv_heads = [k for k in range(1, h + 1) if h % k == 0]
-    if cached:
-        g = draw(st.sampled_from(kv_heads), label="n_kv_head")
-    elif not torch_options and offers(impl, component, "n_kv_head"):
-        g = draw(st.none() | st.sampled_from(kv_heads), label="n_kv_head")
-    rotary_offered = impl is None or (impl.provides("RotaryEmbedding") and offers(impl, component, "rotary"))
-    if cached or (not torch_options and e % 2 == 0 and rotary_offered and draw(st.booleans(), label="rotary")):
-        rope = (draw(st.sampled_from([10000.0, 10.0]), label="rope_base"),
-                draw(st.sampled_from(["adjacent", "half"]), label="rope_pairing"))
-    return replace(case, t=t, cross=cross, norm=norm, g=g, rope=rope)
+    norm = draw(offers.strategy("norm"), label="norm")
+    g = None
+    prefer = lambda option: st.just(True) if cached and offers.offers(option) else offers.strategy(option)
+    if draw(prefer("n_kv_head"), label="grouped_kv"):
+        g = draw(st.sampled_from([k for k in range(1, h + 1) if h % k == 0]), label="n_kv_head")
+    rotary = None
+    if e % 2 == 0 and draw(prefer("rotary"), label="rotary"):
+        rotary = (draw(st.sampled_from(_rope_values(rope, "base", (10000.0, 10.0))), label="rope_base"),
+                  draw(st.sampled_from(_rope_values(rope, "pairing", ("adjacent", "half"))), label="rope_pairing"))
+    return replace(case, t=t, cross=cross, norm=norm, g=g, rope=rotary)
 
 
-def optional_padding(b: int, n: int) -> st.SearchStrategy[np.ndarray | None]:
-    """No mask, or a key padding mask (b, n) with real tokens first (True = real)."""
-    return st.none() | padding_masks(b, n)
+def cases(impl: Implementation, component: str, **kwargs) -> st.SearchStrategy[LayerCase]:
+    """layer_cases for ``impl``'s layer. RoPE is drawn only where the implementation also provides
+    RotaryEmbedding (the layer takes one as ``rotary``)."""
+    offers = impl.offers(component)
+    if component != "DecoderLayer":
+        return layer_cases(offers, **kwargs)
+    if not impl.provides("RotaryEmbedding"):
+        if not offers.offers("rotary", False):
+            pytest.skip(f"{offers.describe('rotary')}, and {impl.missing_reason('RotaryEmbedding')}")
+        return layer_cases(narrowed(offers, rotary=False), **kwargs)
+    return layer_cases(offers, rope=impl.offers("RotaryEmbedding"), **kwargs)
+
+
+@draws_options("EncoderLayer", kwargs={"b": 2, "n": 3}, mask=lambda keep: keep is not None)
+@draws_options("DecoderLayer", kwargs={"b": 2, "n": 3}, mask=lambda keep: keep is not None)
+@draws_options("DecoderLayer", kwargs={"b": 2, "n": 3, "option": "memory_mask"},
+               memory_mask=lambda keep: keep is not None)
+def optional_padding(offers: Offers, b: int, n: int, option: str = "mask") -> st.SearchStrategy[np.ndarray | None]:
+    """No mask, or a key padding mask (b, n) with real tokens first (True = real), where the layer takes
+    ``option`` (mask, memory_mask); None where it does not."""
+    return offers.strategy(option).flatmap(lambda given: padding_masks(b, n) if given else st.none())
 
 
 def at_real_positions(out: Tensor, keep: np.ndarray, n: int) -> Tensor:
@@ -230,17 +266,21 @@ def at_real_positions(out: Tensor, keep: np.ndarray, n: int) -> Tensor:
 @pytest.mark.parametrize("dtype", PRECISIONS)
 @given(data=st.data())
 def test_layer_agrees_with_reference(impl, device, dtype, component, data):
-    """The layer's output equals the spec's float64 reference with the same weights, post-norm and pre-norm,
+    """The layer's output equals the spec's float64 reference with the same weights, in every offered
+    configuration (post-norm and pre-norm, activations, norms, eps, biases, GQA, RoPE, cross-attention),
     padding masks included (float32 and half precision by the error-ratio rule against ours in the same
-    dtype). Below float64 the model width is at least 4: a LayerNorm over two features is nearly
-    sign(x1 - x2), so ill-conditioned that rounding luck, not the implementation, would decide.
+    dtype). The model width is at least 2 (over one feature a LayerNorm ignores its input), and below
+    float64 at least 4: a LayerNorm over two features is nearly sign(x1 - x2), so ill-conditioned that
+    rounding luck, not the implementation, would decide.
 
     Hint: post-norm is N(x + Sublayer(x)); pre-norm is x + Sublayer(N(x)); the decoder's self-attention is
     causal and its cross-attention reads keys and values from the memory.
     """
-    case = data.draw(layer_cases(component, impl, min_d=1 if dtype == torch.float64 else 4), label="case")
-    keep = data.draw(optional_padding(case.b, case.s), label="keep")
-    memory_keep = data.draw(optional_padding(case.b, case.t), label="memory_keep") if case.cross else None
+    offers = impl.offers(component)
+    case = data.draw(cases(impl, component, min_d=2 if dtype == torch.float64 else 4), label="case")
+    keep = data.draw(optional_padding(offers, case.b, case.s), label="keep")
+    memory_keep = data.draw(optional_padding(offers, case.b, case.t, "memory_mask"), label="memory_keep") \
+        if case.cross else None
     module = case.build(impl, device, dtype)
     x, memory = case.inputs(device, dtype)
     out = case.call(module, x, memory, keep=keep, memory_keep=memory_keep)
@@ -251,14 +291,15 @@ def test_layer_agrees_with_reference(impl, device, dtype, component, data):
         out, case.reference(module, x, memory, keep=keep, memory_keep=memory_keep), baseline=baseline, axes=AXES,
         claim=f"{case} agrees with the spec's reference ({dtype}, keep={keep!r}, memory_keep={memory_keep!r})",
         hint="check where each norm sits (post-norm: after the residual add; pre-norm: on the sublayer's input "
-        "only), that every sublayer adds to the residual stream once, and the mask polarity (True = may attend).",
+        "only), that every sublayer adds to the residual stream once, the norms' eps, that bias=False removes "
+        "every bias, and the mask polarity (True = may attend).",
     )
 
 
 def torch_layer_like(case: LayerCase, p: dict[str, Tensor]) -> nn.Module:
     """PyTorch's own layer for ``case`` (float64, eval, dropout 0) with the canonical weights ``p``."""
-    kwargs = {"dim_feedforward": case.f, "dropout": 0.0, "activation": case.activation, "layer_norm_eps": EPS,
-              "batch_first": True, "norm_first": case.norm_first, "dtype": torch.float64}
+    kwargs = {"dim_feedforward": case.f, "dropout": 0.0, "activation": case.activation, "layer_norm_eps": case.eps,
+              "batch_first": True, "norm_first": case.norm_first, "bias": case.bias, "dtype": torch.float64}
     if case.cross:
         layer = nn.TransformerDecoderLayer(case.d, case.h, **kwargs)
         attentions = {"self_attn": layer.self_attn, "cross_attn": layer.multihead_attn}
@@ -270,29 +311,42 @@ def torch_layer_like(case: LayerCase, p: dict[str, Tensor]) -> nn.Module:
     with torch.no_grad():
         for prefix, mha in attentions.items():
             mha.in_proj_weight.copy_(torch.cat([p[f"{prefix}.{n}.weight"] for n in "qkv"]))
-            mha.in_proj_bias.copy_(torch.cat([p[f"{prefix}.{n}.bias"] for n in "qkv"]))
             mha.out_proj.weight.copy_(p[f"{prefix}.o.weight"])
-            mha.out_proj.bias.copy_(p[f"{prefix}.o.bias"])
-        for prefix, norm in norms.items():
-            norm.weight.copy_(p[f"{prefix}.weight"])
-            norm.bias.copy_(p[f"{prefix}.bias"])
-        for ours, theirs in (("ff.up", layer.linear1), ("ff.down", layer.linear2)):
+            if case.bias:
+                mha.in_proj_bias.copy_(torch.cat([p[f"{prefix}.{n}.bias"] for n in "qkv"]))
+                mha.out_proj.bias.copy_(p[f"{prefix}.o.bias"])
+        for ours, theirs in (*norms.items(), ("ff.up", layer.linear1), ("ff.down", layer.linear2)):
             theirs.weight.copy_(p[f"{ours}.weight"])
-            theirs.bias.copy_(p[f"{ours}.bias"])
+            if case.bias:
+                theirs.bias.copy_(p[f"{ours}.bias"])
     return layer.eval()
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
+def torch_offers(offers: Offers) -> Offers:
+    """``offers`` narrowed to what nn.Transformer*Layer also offers: relu or gelu, LayerNorm, no GQA, no RoPE."""
+    values: dict[str, Any] = {"activation": offers.where("activation", relu_or_gelu)}
+    if offers.component == "DecoderLayer":
+        values |= {"norm": "layer", "n_kv_head": False, "rotary": False}
+    return narrowed(offers, **values)
+
+
+@pytest.mark.needs(activation=relu_or_gelu)
+@pytest.mark.needs("DecoderLayer", norm="layer", n_kv_head=False, rotary=False)
+@pytest.mark.parametrize("norm_first", [pytest.param(False, marks=pytest.mark.needs(norm_first=False)),
+                                        pytest.param(True, marks=pytest.mark.needs(norm_first=True))])
 @pytest.mark.parametrize("component", LAYERS)
 @given(data=st.data())
 def test_layer_agrees_with_torch_transformer_layer(impl, component, norm_first, data):
     """The layer equals ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (batch_first,
-    float64, eval, dropout 0) with the weights transferred from its canonical parameters; a decoder-only
-    layer equals nn.TransformerEncoderLayer with a causal mask. Padding goes in as torch's key padding
-    masks (True = padding)."""
-    case = data.draw(layer_cases(component, impl, norm_first=norm_first, torch_options=True), label="case")
-    keep = data.draw(optional_padding(case.b, case.s), label="keep")
-    memory_keep = data.draw(optional_padding(case.b, case.t), label="memory_keep") if case.cross else None
+    float64, eval, dropout 0) with the weights transferred from its canonical parameters, in every
+    configuration both offer (eps, bias=False included); a decoder-only layer equals
+    nn.TransformerEncoderLayer with a causal mask. Padding goes in as torch's key padding masks
+    (True = padding)."""
+    offers = torch_offers(impl.offers(component))
+    case = data.draw(layer_cases(offers, norm_first=norm_first), label="case")
+    keep = data.draw(optional_padding(offers, case.b, case.s), label="keep")
+    memory_keep = data.draw(optional_padding(offers, case.b, case.t, "memory_mask"), label="memory_keep") \
+        if case.cross else None
     module = case.build(impl)
     layer = torch_layer_like(case, {k: v.detach() for k, v in module.canonical_state().items()})
     x, memory = case.inputs()
@@ -325,8 +379,9 @@ def test_encoder_layer_is_equivariant_to_permuting_positions(impl, device, data)
 
     Hint: an encoder is bidirectional: no causal mask; and head splits must keep positions apart.
     """
-    case = data.draw(layer_cases("EncoderLayer", impl), label="case")
-    keep = data.draw(optional_padding(case.b, case.s), label="keep")
+    offers = impl.offers("EncoderLayer")
+    case = data.draw(cases(impl, "EncoderLayer"), label="case")
+    keep = data.draw(optional_padding(offers, case.b, case.s), label="keep")
     perm = data.draw(st.permutations(range(case.s)), label="perm")
     module = case.build(impl, device)
     x, _ = case.inputs(device)
@@ -339,18 +394,21 @@ def test_encoder_layer_is_equivariant_to_permuting_positions(impl, device, data)
     )
 
 
+@pytest.mark.needs(mask=True)
 @pytest.mark.parametrize("component", LAYERS)
 @given(data=st.data())
 def test_layer_padding_does_not_change_real_positions(impl, device, component, data):
     """The outputs at real positions do not depend on the content of padded positions nor on how much
     padding follows them (the same sequences padded to two lengths, with different pad content); for an
-    encoder-decoder layer the memory is padded the same way.
+    encoder-decoder layer that takes memory_mask the memory is padded the same way.
 
     Hint: pass the padding as a key mask, True = real token: mask[:, None, None, :] masks keys, not queries.
     """
-    case = data.draw(layer_cases(component, impl), label="case")
+    offers = impl.offers(component)
+    case = data.draw(cases(impl, component), label="case")
     keep = data.draw(padding_masks(case.b, case.s), label="keep")  # lengths <= s
-    memory_keep = data.draw(padding_masks(case.b, case.t), label="memory_keep") if case.cross else None
+    pad_memory = case.cross and offers.offers("memory_mask")
+    memory_keep = data.draw(padding_masks(case.b, case.t), label="memory_keep") if pad_memory else None
     extra = data.draw(st.tuples(st.integers(0, 3), st.integers(0, 3)), label="extra_padding")
     module = case.build(impl, device)
     x_all = tensor(case.seed + 1, case.b, case.s + 3, case.d, dtype=torch.float64, device=device)
@@ -367,7 +425,8 @@ def test_layer_padding_does_not_change_real_positions(impl, device, component, d
     outs = []
     for i, more in enumerate(extra):
         x, k = padded(x_all, keep, case.s, more, case.seed + 10 + i)
-        memory, mk = padded(m_all, memory_keep, case.t, more, case.seed + 20 + i) if case.cross else (None, None)
+        memory, mk = (padded(m_all, memory_keep, case.t, more, case.seed + 20 + i) if pad_memory
+                      else (m_all[:, : case.t] if case.cross else None, None))
         outs.append(at_real_positions(case.call(module, x, memory, keep=k, memory_keep=mk), keep, case.s))
     assert_close(
         outs[1], outs[0], axes=AXES,
@@ -382,6 +441,7 @@ def test_layer_padding_does_not_change_real_positions(impl, device, component, d
 # Train and eval mode
 
 
+@pytest.mark.needs(dropout=positive)
 @pytest.mark.parametrize("component", LAYERS)
 @given(data=st.data())
 def test_layer_eval_mode_is_deterministic(impl, device, component, data):
@@ -389,7 +449,8 @@ def test_layer_eval_mode_is_deterministic(impl, device, component, data):
 
     Hint: use nn.Dropout (or F.dropout(..., training=self.training)): dropout acts in training mode only.
     """
-    case = data.draw(layer_cases(component, impl, dropout=None), label="case")
+    p = data.draw(st.sampled_from(impl.offers(component).where("dropout", positive)), label="dropout")
+    case = data.draw(cases(impl, component, dropout=p), label="case")
     module = case.build(impl, device)
     x, memory = case.inputs(device)
     assert_equal(
@@ -399,15 +460,16 @@ def test_layer_eval_mode_is_deterministic(impl, device, component, data):
     )
 
 
+@pytest.mark.needs(dropout=0.0)
 @pytest.mark.parametrize("component", LAYERS)
 @given(data=st.data())
 def test_layer_train_mode_equals_eval_mode_without_dropout(impl, device, component, data):
     """With dropout 0, train mode computes exactly what eval mode computes: nothing else may depend on it.
 
     Hint: LayerNorm normalises each position over its features, in both modes; BatchNorm uses batch
-    statistics in training and running ones in eval.
+    statistics in training and running ones in eval; and the layer must use the dropout it is given.
     """
-    case = data.draw(layer_cases(component, impl, min_b=2), label="case")
+    case = data.draw(cases(impl, component, dropout=0.0, min_b=2), label="case")
     module = case.build(impl, device)
     x, memory = case.inputs(device)
     evaluated = case.call(module, x, memory)
@@ -415,7 +477,8 @@ def test_layer_train_mode_equals_eval_mode_without_dropout(impl, device, compone
     assert_equal(
         case.call(module, x, memory), evaluated, axes=AXES,
         claim=f"{case} with dropout 0 computes the same in train and eval mode",
-        hint="only dropout may behave differently in training; normalise with LayerNorm, not BatchNorm.",
+        hint="only dropout may behave differently in training (with the probability passed in, not a "
+        "hard-coded one); normalise with LayerNorm, not BatchNorm.",
     )
 
 
@@ -428,6 +491,7 @@ def zero_output_projections(params: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: torch.zeros_like(v) if k.startswith(zeroed) else v for k, v in params.items()}
 
 
+@pytest.mark.needs(norm_first=True)
 @pytest.mark.parametrize("component", LAYERS)
 @given(data=st.data())
 def test_pre_norm_layer_with_zero_output_projections_is_identity(impl, device, component, data):
@@ -437,7 +501,7 @@ def test_pre_norm_layer_with_zero_output_projections_is_identity(impl, device, c
     Hint: pre-norm is x + Sublayer(N(x)): normalise the sublayer's input, not the stream itself, and add
     each sublayer's output once.
     """
-    case = data.draw(layer_cases(component, impl, norm_first=True), label="case")
+    case = data.draw(cases(impl, component, norm_first=True), label="case")
     module = case.build(impl, device, params=zero_output_projections(case.canonical_parameters()))
     x, memory = case.inputs(device)
     assert_equal(
@@ -448,7 +512,10 @@ def test_pre_norm_layer_with_zero_output_projections_is_identity(impl, device, c
 
 
 @pytest.mark.requires("DecoderLayer")
-@pytest.mark.parametrize("cross_attention", [False, True])
+@pytest.mark.parametrize("cross_attention", [
+    pytest.param(False, marks=pytest.mark.needs(cross_attention=False)),
+    pytest.param(True, marks=pytest.mark.needs(cross_attention=True)),
+])
 @given(data=st.data())
 def test_decoder_layer_is_causal(impl, device, cross_attention, data):
     """The decoder layer's output at position p does not depend on its inputs after p (exactly), both
@@ -456,7 +523,7 @@ def test_decoder_layer_is_causal(impl, device, cross_attention, data):
 
     Hint: the self-attention must be causal (mask keys j > i), whatever mask the caller passes.
     """
-    case = data.draw(layer_cases("DecoderLayer", impl, cross=cross_attention), label="case")
+    case = data.draw(cases(impl, "DecoderLayer", cross=cross_attention), label="case")
     cut = data.draw(st.integers(0, case.s - 1), label="last_unchanged_position")
     module = case.build(impl, device)
     x, memory = case.inputs(device)
@@ -470,19 +537,25 @@ def test_decoder_layer_is_causal(impl, device, cross_attention, data):
 
 
 @pytest.mark.requires("DecoderLayer")
+@pytest.mark.needs(cross_attention=True)
 @given(data=st.data())
 def test_decoder_layer_depends_on_every_unmasked_memory_position_only(impl, device, data):
     """Changing one memory position changes every output position if that memory position is unmasked,
-    and changes nothing (exactly) if it is masked.
+    and changes nothing (exactly) if it is masked (where the layer takes memory_mask; otherwise every
+    memory position is unmasked).
 
     Hint: keys and values of the cross-attention come from the memory, and memory_mask must reach it.
     """
-    case = data.draw(layer_cases("DecoderLayer", impl, cross=True, min_d=4), label="case")
-    rows = data.draw(st.lists(st.lists(st.booleans(), min_size=case.t, max_size=case.t), min_size=case.b,
-                              max_size=case.b), label="memory_keep_rows")
-    memory_keep = np.array(rows, dtype=bool).reshape(case.b, case.t)
-    memory_keep[:, data.draw(st.integers(0, case.t - 1), label="always_kept")] = True
-    memory_keep = memory_keep.view(Mask)
+    case = data.draw(cases(impl, "DecoderLayer", cross=True, min_d=4), label="case")
+    if impl.offers("DecoderLayer").offers("memory_mask"):
+        rows = data.draw(st.lists(st.lists(st.booleans(), min_size=case.t, max_size=case.t), min_size=case.b,
+                                  max_size=case.b), label="memory_keep_rows")
+        memory_keep = np.array(rows, dtype=bool).reshape(case.b, case.t)
+        memory_keep[:, data.draw(st.integers(0, case.t - 1), label="always_kept")] = True
+        memory_keep = memory_keep.view(Mask)
+    else:
+        memory_keep = None
+    real = np.ones((case.b, case.t), dtype=bool) if memory_keep is None else np.asarray(memory_keep)
     module = case.build(impl, device)
     x, memory = case.inputs(device)
     out = case.call(module, x, memory, memory_keep=memory_keep)
@@ -493,7 +566,7 @@ def test_decoder_layer_depends_on_every_unmasked_memory_position_only(impl, devi
         memory2 = memory.clone()
         memory2[:, j] += tensor(case.seed + 30 + j, case.b, case.d, dtype=memory.dtype, device=device)
         change = (case.call(module, x, memory2, memory_keep=memory_keep) - out).abs().amax(dim=-1)  # (b, s)
-        kept = torch.as_tensor(memory_keep[:, j], device=change.device)
+        kept = torch.as_tensor(real[:, j], device=change.device)
         masked_change = change[~kept]
         assert_equal(masked_change, torch.zeros_like(masked_change), claim=claim,
                      hint=hint + f" (memory position {j} is masked in some batch elements and changed the output)")
@@ -506,6 +579,7 @@ def test_decoder_layer_depends_on_every_unmasked_memory_position_only(impl, devi
 # Gradients and the KV cache
 
 
+@pytest.mark.needs(activation=smooth)
 @pytest.mark.parametrize("component", LAYERS)
 @given(data=st.data())
 def test_every_layer_parameter_gets_a_finite_gradient(impl, device, component, data):
@@ -514,8 +588,10 @@ def test_every_layer_parameter_gets_a_finite_gradient(impl, device, component, d
     Only matrices must get a nonzero gradient: an attention's key bias adds q.b_k to every score of a row,
     which softmax cancels (its exact gradient is zero). The configurations use smooth activations (gelu,
     swiglu) and d >= 4, s, t >= 2, so that no unit is dead and no softmax has a single key by chance.
+    The gradients are read from the module's own parameters, never from canonical views (a slice of a
+    fused QKV weight has no ``.grad`` of its own).
     """
-    case = data.draw(layer_cases(component, impl, activations=("gelu", "swiglu"), min_len=2, min_d=4), label="case")
+    case = data.draw(cases(impl, component, activation=smooth, min_len=2, min_d=4), label="case")
     module = case.build(impl, device)
     x, memory = case.inputs(device)
     out = case.call(module, x, memory)
@@ -536,30 +612,30 @@ def test_every_layer_parameter_gets_a_finite_gradient(impl, device, component, d
     )
 
 
-@pytest.mark.requires("DecoderLayer", "KVCache", "RotaryEmbedding")
+@pytest.mark.requires("DecoderLayer", "KVCache")
+@pytest.mark.needs(cache=True)
 @given(data=st.data())
 def test_cached_decoder_layer_equals_the_full_pass(impl, device, data):
-    """A decoder-only layer with grouped-query attention and RoPE, run chunk by chunk with a KV cache
-    (any split, one token at a time included), gives the outputs of one full pass.
+    """A decoder layer run chunk by chunk with a KV cache for its self-attention (any split, one token at a
+    time included) gives the outputs of one full pass, with grouped-query attention and RoPE wherever the
+    layer offers them, decoder-only or with cross-attention over a fixed memory.
 
-    Hint: pass the cache to the self-attention; every other part of the layer is position-wise.
+    Hint: pass the cache to the self-attention; the cross-attention (recomputed from the memory) and the
+    feed-forward work on each position alone.
     """
-    for option in ("n_kv_head", "rotary"):
-        if not offers(impl, "DecoderLayer", option):
-            pytest.skip(f"DecoderLayer of {impl} declares {option} unsupported")
-    case = data.draw(layer_cases("DecoderLayer", impl, cached=True), label="case")
+    case = data.draw(cases(impl, "DecoderLayer", cached=True), label="case")
     chunks = data.draw(chunkings(case.s), label="chunks")
     module = case.build(impl, device)
-    x, _ = case.inputs(device)
-    config = {"batch_size": case.b, "n_kv_head": case.g, "head_dim": case.e, "capacity": case.s, "dtype": x.dtype,
-              "device": device}
+    x, memory = case.inputs(device)
+    config = {"batch_size": case.b, "n_kv_head": case.h if case.g is None else case.g, "head_dim": case.e,
+              "capacity": case.s, "dtype": x.dtype, "device": device}
     try:
         cache = impl.raw("KVCache")(**config)
     except Exception as exc:  # noqa: BLE001 (any failure to build it is the implementation's)
         raise ComponentFailure(f"{impl}: {describe_call('KVCache', config)} raised {type(exc).__name__}: {exc}") from None
-    pieces = [case.call(module, x[:, a:b], cache=cache) for a, b in split_points(case.s, chunks)]
+    pieces = [case.call(module, x[:, a:b], memory, cache=cache) for a, b in split_points(case.s, chunks)]
     assert_close(
-        torch.cat(pieces, dim=1), case.call(module, x), axes=AXES,
+        torch.cat(pieces, dim=1), case.call(module, x, memory), axes=AXES,
         claim=f"{case} with a KV cache equals the full pass (chunks {chunks})",
         hint="the layer's cache belongs to its self-attention: pass it there (cross-attention and the "
         "feed-forward work on each position alone).",

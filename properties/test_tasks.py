@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
+from properties.options import Offers, draws_options
 from properties.plugin import Implementation
 from properties.strategies import Mask, seeds, tensor
 import implementations
@@ -18,15 +19,16 @@ from spec import tasks as reference
 OURS = Implementation("ours", implementations)
 
 
+@draws_options("next_token_loss", mask=lambda batch: batch[4] is not None)
 @st.composite
-def lm_batches(draw, *, min_s: int = 2, max_s: int = 6, min_real: int = 2):
-    """(b, s, n, seed, mask): logits (b, s, n) and tokens (b, s) from seed; mask None or right padding
-    with at least ``min_real`` real tokens per row (so every row has a real target)."""
+def lm_batches(draw, offers: Offers, *, min_s: int = 2, max_s: int = 6, min_real: int = 2):
+    """(b, s, n, seed, mask): logits (b, s, n) and tokens (b, s) from seed; mask None or, where the loss
+    takes one, right padding with at least ``min_real`` real tokens per row (so every row has a real target)."""
     b = draw(st.integers(1, 3), label="b")
     s = draw(st.integers(max(min_s, min_real), max_s), label="s")
     n = draw(st.integers(2, 11), label="n")
     seed = draw(seeds(), label="seed")
-    mask = draw(st.none() | right_padding(b, s, min_real), label="mask")
+    mask = draw(right_padding(b, s, min_real), label="mask") if draw(offers.strategy("mask"), label="masked") else None
     return b, s, n, seed, mask
 
 
@@ -46,14 +48,14 @@ def as_mask(mask, device):
 
 @pytest.mark.requires("next_token_loss")
 @pytest.mark.parametrize("dtype", PRECISIONS)
-@given(batch=lm_batches())
-def test_next_token_loss_agrees_with_reference(impl, device, dtype, batch):
+@given(data=st.data())
+def test_next_token_loss_agrees_with_reference(impl, device, dtype, data):
     """next_token_loss equals the spec's float64 reference (mean cross-entropy of logits[:, t] against
     tokens[:, t + 1] over real targets) and, in float64, F.cross_entropy with ignore_index on padding.
 
     Hint: logits[:, :-1] predict tokens[:, 1:]; average over the real targets (mask[:, 1:]), not over all.
     """
-    b, s, n, seed, mask = batch
+    b, s, n, seed, mask = data.draw(lm_batches(impl.offers("next_token_loss")), label="batch")
     logits = tensor(seed, b, s, n, dtype=dtype, device=device, scale=2.0)
     tokens = tokens_for(seed + 1, b, s, n, device)
     keep = as_mask(mask, device)
@@ -141,14 +143,15 @@ def test_next_token_loss_uses_the_pinned_shift(impl, b, s, n, seed):
 
 
 @pytest.mark.requires("next_token_loss")
-@given(batch=lm_batches(), data=st.data())
-def test_next_token_loss_ignores_padded_targets(impl, device, batch, data):
+@pytest.mark.needs(mask=True)
+@given(data=st.data())
+def test_next_token_loss_ignores_padded_targets(impl, device, data):
     """Changing the logits at positions whose target is padding, and the padded tokens themselves, leaves
     the loss exactly unchanged.
 
     Hint: drop (or weight by exactly 0) every target with mask[:, t + 1] False, before the mean.
     """
-    b, s, n, seed, mask = batch
+    b, s, n, seed, mask = data.draw(lm_batches(impl.offers("next_token_loss")), label="batch")
     if mask is None:
         mask = data.draw(right_padding(b, s), label="keep")
     keep = as_mask(mask, device)

@@ -38,6 +38,17 @@ Math (eval mode; ``drop`` is the identity there; PE is spec/positional_encoding.
              use_cache=True each step feeds only the newest token and the cache holds the rest; the tokens
              are the same as without the cache.
 
+Options (declarable; properties/options.py: an implementation lists what it offers in ``spec_options``)
+-------------------------------------------------------------------------------------------------------
+    norm_first   False | True (pre-norm layers and final encoder/decoder norms)   constructor
+    dropout      0.0, any probability in [0, 1) declarable                        constructor
+    src_mask     True | False: encode, decode, forward and generate take ``src_mask`` (source padding)
+    tgt_mask     True | False: decode and forward take ``tgt_mask`` (target padding)
+    cache        True | False: ``new_cache`` exists, decode takes ``cache`` and generate ``use_cache``
+    activation   "relu": a convention, never passed; a model with GELU built in declares "gelu"
+    eps          1e-5: a convention, never passed; a model with another LayerNorm eps declares it
+The first value is the spec's default; properties that need a value not offered are skipped, naming it.
+
 Conventions (pinned, with the reason)
 -------------------------------------
 * Embeddings are multiplied by sqrt(d_model) before the positions are added (the paper, section 3.4;
@@ -54,7 +65,7 @@ Conventions (pinned, with the reason)
   training loss is next_token_loss(logits, tgt) (spec/tasks.py's shifted cross-entropy).
 * generate runs without gradient, in the mode the model is in (eval for greedy), and returns bos_id
   followed by exactly max_new_tokens tokens (no early stop at an end token). 1 + max_new_tokens <= max_len.
-* Activation relu, LayerNorm eps 1e-5 (the layers' defaults); the head has no bias and is not tied to the
+* Activation relu, LayerNorm eps 1e-5 (the layers' defaults) unless declared otherwise; the head has no bias and is not tied to the
   target embedding (the paper ties them; a tied model maps tgt_embed.weight and head.weight to one tensor).
 
 Canonical parameters
@@ -87,7 +98,8 @@ from spec.layers import (_prefixed, decoder_layer, decoder_layer_parameters, enc
                          encoder_layer_parameters, norm_parameters, sub)
 from spec.normalization import layer_norm
 from spec.positional_encoding import check_positions, sinusoidal_table
-from spec.registry import Component, Param, component
+from spec.layers import DROPOUT, NORM_FIRST
+from spec.registry import Component, Option, Param, boolean, component
 
 EPS = 1e-5
 
@@ -112,6 +124,17 @@ ENCODER_DECODER_MODEL = component(Component(
     name="EncoderDecoderModel", kind="module", family="encoder_decoder",
     summary="the original transformer: bidirectional encoder, causal decoder with cross-attention, greedy generate",
     parameters=encoder_decoder_parameters,
+    options=(
+        NORM_FIRST,
+        DROPOUT,
+        boolean("src_mask", "encode/decode/forward/generate take src_mask= (source padding)", argument="src_mask"),
+        boolean("tgt_mask", "decode/forward take tgt_mask= (target padding over the self-attention keys)",
+                argument="tgt_mask"),
+        boolean("cache", "new_cache exists, decode takes cache= and generate use_cache=", argument="cache"),
+        Option("activation", ("relu", "gelu"), "convention", "the layers' feed-forward activation"),
+        Option("eps", (EPS,), "convention", "the eps of every LayerNorm (a model with another built in declares it)",
+               accepts=lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    ),
 ))
 
 
@@ -126,34 +149,35 @@ def _key_mask(mask: np.ndarray | None) -> np.ndarray | None:
     return None if mask is None else np.asarray(mask, dtype=bool)[:, None, None, :]
 
 
-def encode(params, src, *, n_head: int, n_layer: int, max_len: int, norm_first: bool = False, src_mask=None):
+def encode(params, src, *, n_head: int, n_layer: int, max_len: int, norm_first: bool = False, src_mask=None,
+           activation: str = "relu", eps: float = EPS):
     """The float64 reference of EncoderDecoderModel.encode: (b, t) -> memory (b, t, d)."""
     p = {name: np.asarray(value, dtype=np.float64) for name, value in params.items()}
     x = _embed(p["src_embed.weight"], src, offset=0, max_len=max_len)
     for i in range(n_layer):
         x = encoder_layer(sub(p, f"encoder.{i}"), x, n_head=n_head, norm_first=norm_first, mask=_key_mask(src_mask),
-                          eps=EPS)
-    return layer_norm(sub(p, "encoder_norm"), x, eps=EPS) if norm_first else x
+                          activation=activation, eps=eps)
+    return layer_norm(sub(p, "encoder_norm"), x, eps=eps) if norm_first else x
 
 
 def decode(params, tgt, memory, *, n_head: int, n_layer: int, max_len: int, norm_first: bool = False,
-           src_mask=None, tgt_mask=None):
+           src_mask=None, tgt_mask=None, activation: str = "relu", eps: float = EPS):
     """The float64 reference of EncoderDecoderModel.decode without a cache (teacher forcing): -> (b, s, n)."""
     p = {name: np.asarray(value, dtype=np.float64) for name, value in params.items()}
     y = _embed(p["tgt_embed.weight"], tgt, offset=0, max_len=max_len)
     for i in range(n_layer):
         y = decoder_layer(sub(p, f"decoder.{i}"), y, np.asarray(memory, dtype=np.float64), n_head=n_head,
                           cross_attention=True, norm_first=norm_first, mask=_key_mask(tgt_mask),
-                          memory_mask=_key_mask(src_mask), eps=EPS)
+                          memory_mask=_key_mask(src_mask), activation=activation, eps=eps)
     if norm_first:
-        y = layer_norm(sub(p, "decoder_norm"), y, eps=EPS)
+        y = layer_norm(sub(p, "decoder_norm"), y, eps=eps)
     return y @ p["head.weight"].T
 
 
 def encoder_decoder_model(params, src, tgt, *, n_head: int, n_layer: int, max_len: int, norm_first: bool = False,
-                          src_mask=None, tgt_mask=None) -> np.ndarray:
+                          src_mask=None, tgt_mask=None, activation: str = "relu", eps: float = EPS) -> np.ndarray:
     """The float64 reference of EncoderDecoderModel.forward: decode(tgt, encode(src))."""
     memory = encode(params, src, n_head=n_head, n_layer=n_layer, max_len=max_len, norm_first=norm_first,
-                    src_mask=src_mask)
+                    src_mask=src_mask, activation=activation, eps=eps)
     return decode(params, tgt, memory, n_head=n_head, n_layer=n_layer, max_len=max_len, norm_first=norm_first,
-                  src_mask=src_mask, tgt_mask=tgt_mask)
+                  src_mask=src_mask, tgt_mask=tgt_mask, activation=activation, eps=eps)

@@ -22,6 +22,17 @@ Math (eval mode; ``drop`` is the identity there)
     pooled   = sum_j mask[:, j] x[:, j] / sum_j mask[:, j]                 (b, d)   mean over REAL positions
     out      = pooled head.weight^T + head.bias                            (b, c)
 
+Options (declarable; properties/options.py: an implementation lists what it offers in ``spec_options``)
+-------------------------------------------------------------------------------------------------------
+    norm_first   False | True (pre-norm layers and a final norm)           constructor
+    dropout      0.0, any probability in [0, 1) declarable                 constructor
+    mask         True | False: forward takes the padding ``mask`` (without it every token is real, and
+                 the padding properties are skipped)
+    activation   "relu": a convention, never passed; a model with GELU built in (BERT) declares "gelu"
+    eps          1e-5: a convention, never passed; a model with another LayerNorm eps declares it (BERT:
+                 1e-12) and is judged against it
+The first value is the spec's default.
+
 Conventions (pinned, with the reason)
 -------------------------------------
 * One model, two tasks. Classification: ``out`` are c class logits (unnormalised; no softmax in the
@@ -36,8 +47,8 @@ Conventions (pinned, with the reason)
   output, and a padded batch gives every sequence the output it gets alone.
 * Mean pooling, not the first token ([CLS]) and not the mean over all s positions (that averages padding).
   Pooling is linear, so applying the head before or after it is the same function; the spec pools first.
-* Activation relu, LayerNorm eps 1e-5 (EncoderLayer's defaults); embedding dropout and the layers'
-  dropout only in training mode.
+* Activation relu, LayerNorm eps 1e-5 (EncoderLayer's defaults) unless declared otherwise; embedding
+  dropout and the layers' dropout only in training mode.
 * s > max_len raises ValueError (the position table has max_len rows).
 
 Canonical parameters
@@ -62,9 +73,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from spec.layers import _prefixed, encoder_layer, encoder_layer_parameters, norm_parameters, sub
+from spec.layers import DROPOUT, NORM_FIRST, _prefixed, encoder_layer, encoder_layer_parameters, norm_parameters, sub
 from spec.normalization import layer_norm
-from spec.registry import Component, Param, component
+from spec.registry import Component, Option, Param, boolean, component
 
 EPS = 1e-5
 
@@ -75,6 +86,7 @@ def encoder_only_parameters(
     params = {"embed.weight": Param((vocab_size, d_model), "embedding"),
               "pos.weight": Param((max_len, d_model), "embedding")}
     for i in range(n_layer):
+        # The activation is relu or gelu (a convention): both have the same parameters.
         params |= _prefixed(f"layers.{i}", encoder_layer_parameters(d_model=d_model, n_head=n_head, d_ff=d_ff))
     if norm_first:
         params |= _prefixed("final_norm", norm_parameters(d_model=d_model, norm="layer"))
@@ -85,6 +97,14 @@ ENCODER_ONLY_MODEL = component(Component(
     name="EncoderOnlyModel", kind="module", family="encoder_only",
     summary="BERT-like encoder: embeddings + learned positions, encoder layers, masked mean pooling, head",
     parameters=encoder_only_parameters,
+    options=(
+        NORM_FIRST,
+        DROPOUT,
+        boolean("mask", "forward takes mask= (padding, True = real token)", argument="mask"),
+        Option("activation", ("relu", "gelu"), "convention", "the layers' feed-forward activation (BERT: gelu)"),
+        Option("eps", (EPS,), "convention", "the eps of every LayerNorm (a model with another built in declares it)",
+               accepts=lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    ),
 ))
 
 
@@ -100,7 +120,7 @@ def masked_mean(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 def encoder_only_model(
     params: dict[str, np.ndarray], tokens: np.ndarray, *, n_head: int, n_layer: int, norm_first: bool = False,
-    mask: np.ndarray | None = None,
+    mask: np.ndarray | None = None, activation: str = "relu", eps: float = EPS,
 ) -> np.ndarray:
     """The float64 reference of EncoderOnlyModel (eval mode): (b, s) tokens -> (b, c)."""
     p = {name: np.asarray(value, dtype=np.float64) for name, value in params.items()}
@@ -111,7 +131,8 @@ def encoder_only_model(
     x = p["embed.weight"][tokens] + p["pos.weight"][:s]
     key_mask = None if mask is None else np.asarray(mask, dtype=bool)[:, None, None, :]
     for i in range(n_layer):
-        x = encoder_layer(sub(p, f"layers.{i}"), x, n_head=n_head, norm_first=norm_first, mask=key_mask, eps=EPS)
+        x = encoder_layer(sub(p, f"layers.{i}"), x, n_head=n_head, norm_first=norm_first, mask=key_mask, eps=eps,
+                          activation=activation)
     if norm_first:
-        x = layer_norm(sub(p, "final_norm"), x, eps=EPS)
+        x = layer_norm(sub(p, "final_norm"), x, eps=eps)
     return masked_mean(x, mask) @ p["head.weight"].T + p["head.bias"]

@@ -34,6 +34,11 @@ Conventions (pinned, with the reason)
 * All three are means (PyTorch's reduction="mean"): comparable across batch sizes and lengths.
 * Numerically stable: logsumexp subtracts the row maximum (logits of size 1e3 give finite losses).
 
+Options (declarable; properties/options.py)
+-------------------------------------------
+    next_token_loss  mask   True | False: takes the padding ``mask`` (without it every target is real,
+                            and the padding property is skipped)
+
 Canonical parameters
 --------------------
 None.
@@ -49,7 +54,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spec.registry import Component, component
+from spec.registry import Component, boolean, component
 
 
 def _scalar(*args, **kwargs) -> tuple[int, ...]:
@@ -60,6 +65,7 @@ NEXT_TOKEN_LOSS = component(Component(
     name="next_token_loss", kind="function", family="tasks",
     summary="mean cross-entropy of logits[:, :-1] predicting tokens[:, 1:], over real targets",
     output_shape=_scalar,
+    options=(boolean("mask", "takes mask= (padding, True = real token)", argument="mask"),),
 ))
 CLASSIFICATION_LOSS = component(Component(
     name="classification_loss", kind="function", family="tasks",

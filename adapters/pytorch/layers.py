@@ -16,10 +16,11 @@ Conventions converted here (and only here):
 * Dropout: ``nn.Transformer*Layer`` also drops inside the feed-forward (after the activation), in
   training mode only; eval mode is what the agreement properties compare.
 
-Options PyTorch's layers lack raise ValueError ("... not supported by nn.Transformer*Layer"):
-``activation="swiglu"``, ``norm="rms"``, ``n_kv_head``, ``rotary`` and a KV ``cache``. Each class lists
-them in ``unsupported_options`` ("option=value", or a bare option name for any value but the default),
-so that properties/test_layers.py draws only what the module supports, instead of failing or skipping it.
+What PyTorch's layers offer is declared in ``spec_options`` (properties/options.py): relu and gelu but
+not SwiGLU, LayerNorm only, no grouped-query attention (``n_kv_head``), no ``rotary``, no KV ``cache``.
+The properties draw only what is declared and skip, naming the option, those that need the rest. Asked
+for anyway, the constructor raises ValueError ("... not supported by nn.Transformer*Layer").
+``bias=False`` is torch's own: no bias in any Linear or LayerNorm, so the canonical parameters have none.
 """
 
 from __future__ import annotations
@@ -48,18 +49,28 @@ def _with_causal(mask: Tensor | None, s: int, device: torch.device) -> Tensor:
 
 def _split_attention(mha: nn.MultiheadAttention) -> dict[str, Tensor]:
     wq, wk, wv = mha.in_proj_weight.chunk(3, dim=0)
-    bq, bk, bv = mha.in_proj_bias.chunk(3, dim=0)
-    return {"q.weight": wq, "q.bias": bq, "k.weight": wk, "k.bias": bk, "v.weight": wv, "v.bias": bv,
-            "o.weight": mha.out_proj.weight, "o.bias": mha.out_proj.bias}
+    state = {"q.weight": wq, "k.weight": wk, "v.weight": wv, "o.weight": mha.out_proj.weight}
+    if mha.in_proj_bias is not None:  # bias=False: the weights alone
+        bq, bk, bv = mha.in_proj_bias.chunk(3, dim=0)
+        state |= {"q.bias": bq, "k.bias": bk, "v.bias": bv, "o.bias": mha.out_proj.bias}
+    return state
 
 
 def _load_attention(mha: nn.MultiheadAttention, params: dict[str, Tensor], prefix: str) -> None:
-    p = {name: params[f"{prefix}.{name}"] for name in ("q.weight", "k.weight", "v.weight", "q.bias", "k.bias",
-                                                       "v.bias", "o.weight", "o.bias")}
+    p = {name[len(prefix) + 1 :]: value for name, value in params.items() if name.startswith(prefix + ".")}
     mha.in_proj_weight.copy_(torch.cat([p["q.weight"], p["k.weight"], p["v.weight"]]))
-    mha.in_proj_bias.copy_(torch.cat([p["q.bias"], p["k.bias"], p["v.bias"]]))
     mha.out_proj.weight.copy_(p["o.weight"])
-    mha.out_proj.bias.copy_(p["o.bias"])
+    if mha.in_proj_bias is not None:
+        mha.in_proj_bias.copy_(torch.cat([p["q.bias"], p["k.bias"], p["v.bias"]]))
+        mha.out_proj.bias.copy_(p["o.bias"])
+
+
+def _affine(prefix: str, module: nn.Module) -> dict[str, Tensor]:
+    """``prefix.weight`` and, unless the module is bias-free, ``prefix.bias``."""
+    state = {f"{prefix}.weight": module.weight}
+    if module.bias is not None:
+        state[f"{prefix}.bias"] = module.bias
+    return state
 
 
 def _check_activation(activation: str) -> None:
@@ -86,39 +97,34 @@ class _TorchLayer(nn.Module):
         state: dict[str, Tensor] = {}
         for prefix, name in self.attention_names.items():
             state |= {f"{prefix}.{k}": v for k, v in _split_attention(getattr(self.layer, name)).items()}
-        state |= {"ff.up.weight": self.layer.linear1.weight, "ff.up.bias": self.layer.linear1.bias,
-                  "ff.down.weight": self.layer.linear2.weight, "ff.down.bias": self.layer.linear2.bias}
+        state |= _affine("ff.up", self.layer.linear1) | _affine("ff.down", self.layer.linear2)
         for prefix, name in self.norm_names.items():
-            norm = getattr(self.layer, name)
-            state |= {f"{prefix}.weight": norm.weight, f"{prefix}.bias": norm.bias}
+            state |= _affine(prefix, getattr(self.layer, name))
         return state
 
     def load_canonical_state_dict(self, params: dict[str, Tensor]) -> None:
         for prefix, name in self.attention_names.items():
             _load_attention(getattr(self.layer, name), params, prefix)
-        self.layer.linear1.weight.copy_(params["ff.up.weight"])
-        self.layer.linear1.bias.copy_(params["ff.up.bias"])
-        self.layer.linear2.weight.copy_(params["ff.down.weight"])
-        self.layer.linear2.bias.copy_(params["ff.down.bias"])
-        for prefix, name in self.norm_names.items():
-            norm = getattr(self.layer, name)
-            norm.weight.copy_(params[f"{prefix}.weight"])
-            norm.bias.copy_(params[f"{prefix}.bias"])
+        state = self.canonical_state_dict()
+        attention = tuple(f"{prefix}." for prefix in self.attention_names)  # loaded above, fused
+        for name, value in params.items():
+            if not name.startswith(attention):
+                state[name].copy_(value)
 
 
 class EncoderLayer(_TorchLayer):
     """``nn.TransformerEncoderLayer(batch_first=True)`` with the spec's keywords, names and mask polarity."""
 
-    unsupported_options = ("activation=swiglu",)
+    spec_options = {"activation": ("relu", "gelu")}
 
     def __init__(self, *, d_model: int, n_head: int, d_ff: int, norm_first: bool = False, dropout: float = 0.0,
-                 activation: str = "relu", eps: float = 1e-5) -> None:
+                 activation: str = "relu", eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
         _check_activation(activation)
         self.n_head = n_head
         self.layer = nn.TransformerEncoderLayer(
             d_model, n_head, dim_feedforward=d_ff, dropout=dropout, activation=activation, layer_norm_eps=eps,
-            batch_first=True, norm_first=norm_first,
+            batch_first=True, norm_first=norm_first, bias=bias,
         )
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
@@ -131,11 +137,12 @@ class DecoderLayer(_TorchLayer):
     """``nn.TransformerDecoderLayer(batch_first=True)`` (cross_attention=True), or, decoder-only
     (cross_attention=False), ``nn.TransformerEncoderLayer`` with a causal mask."""
 
-    unsupported_options = ("activation=swiglu", "norm=rms", "n_kv_head", "rotary")
+    spec_options = {"activation": ("relu", "gelu"), "norm": "layer", "n_kv_head": False, "rotary": False,
+                    "cache": False}
 
     def __init__(self, *, d_model: int, n_head: int, d_ff: int, n_kv_head: int | None = None,
                  cross_attention: bool = True, norm_first: bool = False, dropout: float = 0.0,
-                 activation: str = "relu", norm: str = "layer", eps: float = 1e-5,
+                 activation: str = "relu", norm: str = "layer", eps: float = 1e-5, bias: bool = True,
                  rotary: nn.Module | None = None) -> None:
         super().__init__()
         _check_activation(activation)
@@ -147,7 +154,7 @@ class DecoderLayer(_TorchLayer):
             raise ValueError(f"rotary position embeddings are {UNSUPPORTED}")
         self.n_head, self.cross_attention = n_head, cross_attention
         kwargs = {"dim_feedforward": d_ff, "dropout": dropout, "activation": activation, "layer_norm_eps": eps,
-                  "batch_first": True, "norm_first": norm_first}
+                  "batch_first": True, "norm_first": norm_first, "bias": bias}
         if cross_attention:
             self.layer = nn.TransformerDecoderLayer(d_model, n_head, **kwargs)
             self.attention_names = {"self_attn": "self_attn", "cross_attn": "multihead_attn"}

@@ -132,3 +132,10 @@ class CacheSizedByNHead(DecoderOnlyLM):
 class PaddingMaskInverted(DecoderOnlyLM):
     def forward(self, tokens, *, mask=None, cache=None):
         return super().forward(tokens, mask=None if mask is None else ~mask, cache=cache)
+
+
+@mutant(name="DecoderOnlyLM_bias_ignored", bug="bias=False is accepted but every projection and norm keeps its bias",
+        provides=LM, caught_by=["test_decoder_only_lm_agrees_with_reference"])
+class BiasIgnored(DecoderOnlyLM):
+    def __init__(self, **kw):
+        super().__init__(**{**kw, "bias": True})

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from implementations.layers import DecoderLayer, EncoderLayer
+from implementations.layers import DecoderLayer, EncoderLayer, make_feed_forward
+from implementations.normalization import LayerNorm, RMSNorm
 from meta_tests.catalog import mutant
 
 
@@ -55,6 +56,12 @@ def buggy_encoder_forward(bug: str):
 
 def buggy_decoder_forward(bug: str):
     def forward(self, x, memory=None, *, mask=None, memory_mask=None, cache=None):
+        if bug == "cached_path_skips_cross_attention" and cache is not None:
+            # an incremental-decoding path written for decoder-only models, reused with cross-attention
+            x = buggy_residual(bug, x, lambda y: self.self_attn(y, mask=mask, causal=True, cache=cache),
+                               self.self_attn_norm, self.dropout, norm_first=self.norm_first, which="attn")
+            return buggy_residual(bug, x, self.ff, self.ff_norm, self.dropout, norm_first=self.norm_first,
+                                  which="ff")
         def self_attention(y):
             kwargs = {} if bug == "cache_not_passed" else {"cache": cache}
             return self.self_attn(y, mask=mask, causal=bug != "causal_mask_missing", **kwargs)
@@ -117,6 +124,46 @@ _decoder("cache_not_passed", "the KV cache is never handed to the self-attention
          ["test_cached_decoder_layer_equals_the_full_pass"])
 _decoder("cross_norm_reused", "copy-paste: the cross-attention sublayer uses self_attn_norm (cross_attn_norm unused)",
          [REFERENCE, "test_every_layer_parameter_gets_a_finite_gradient"])
+_decoder("cached_path_skips_cross_attention",
+         "the cached (incremental) path, written for decoder-only layers, skips the cross-attention",
+         ["test_cached_decoder_layer_equals_the_full_pass"])
+
+
+# Options: each a constructor argument accepted and then not honoured.
+
+
+class EncoderLayerDropoutHardCoded(EncoderLayer):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dropout = nn.Dropout(0.1)  # the tutorial's value, whatever dropout= says
+
+
+mutant(name="EncoderLayer_dropout_hard_coded", bug="nn.Dropout(0.1) hard-coded: the dropout argument is ignored",
+       caught_by=["test_layer_train_mode_equals_eval_mode_without_dropout"], provides="EncoderLayer")(
+    EncoderLayerDropoutHardCoded)
+
+
+class DecoderLayerEpsNotForwarded(DecoderLayer):
+    def __init__(self, *, d_model: int, norm: str = "layer", bias: bool = True, **kwargs) -> None:
+        super().__init__(d_model=d_model, norm=norm, bias=bias, **kwargs)
+        for name in ("self_attn_norm", "cross_attn_norm", "ff_norm"):  # the norms' own default eps
+            if getattr(self, name) is not None:
+                setattr(self, name, LayerNorm(d_model=d_model, bias=bias) if norm == "layer" else RMSNorm(d_model=d_model))
+
+
+mutant(name="DecoderLayer_eps_not_forwarded", bug="eps is accepted but the norms are built with their default eps",
+       caught_by=[REFERENCE, TORCH], provides="DecoderLayer")(DecoderLayerEpsNotForwarded)
+
+
+class DecoderLayerFeedForwardKeepsBias(DecoderLayer):
+    def __init__(self, *, d_model: int, d_ff: int, activation: str = "relu", **kwargs) -> None:
+        super().__init__(d_model=d_model, d_ff=d_ff, activation=activation, **kwargs)
+        self.ff = make_feed_forward(d_model=d_model, d_ff=d_ff, activation=activation)  # bias=False not passed
+
+
+mutant(name="DecoderLayer_feed_forward_keeps_bias",
+       bug="bias=False reaches the attention and norms but not the feed-forward, which keeps its biases",
+       caught_by=[REFERENCE, TORCH], provides="DecoderLayer")(DecoderLayerFeedForwardKeepsBias)
 
 
 class _BatchNormOverFeatures(nn.BatchNorm1d):
