@@ -30,6 +30,7 @@ The rules the suite follows:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -65,6 +66,7 @@ class Offers:
     values: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     compute_dtype: torch.dtype | None = None
     declared: frozenset[str] = frozenset()
+    inferred: frozenset[str] = frozenset()  # narrowed because the signature lacks the keyword
 
     @property
     def entry(self) -> Component:
@@ -99,7 +101,11 @@ class Offers:
     def describe(self, option: str) -> str:
         values = self.values[option]
         only = " only" if len(values) == 1 else ""
-        return f"{self.owner} offers {option}={_show(values)}{only}"
+        why = ""
+        if option in self.inferred:
+            keyword = self.entry.option(option).argument or option
+            why = f" (its signature has no {keyword!r}; declare spec_options to say otherwise)"
+        return f"{self.owner} offers {option}={_show(values)}{only}{why}"
 
     def __repr__(self) -> str:
         declared = ", ".join(f"{k}={self.values[k]!r}" for k in sorted(self.declared) if k in self.values)
@@ -113,7 +119,8 @@ class Offers:
         shared = {name: tuple(v for v in vals if any(_same(v, w) for w in other.values[name]))
                   for name, vals in self.values.items() if name in other.values}
         return Offers(self.component, f"{self.owner} and {other.owner}", {**other.values, **self.values, **shared},
-                      self.compute_dtype or other.compute_dtype, self.declared | other.declared)
+                      self.compute_dtype or other.compute_dtype, self.declared | other.declared,
+                      self.inferred | other.inferred)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -131,7 +138,7 @@ def read_declaration(component: str, obj: Any, owner: str) -> Offers:
     """Validate ``obj.spec_options`` against the component's option space and return the offers."""
     entry = COMPONENTS[component]
     declared = getattr(obj, DECLARATION, None)
-    offers = full_offers(component, owner)
+    offers = inferred_offers(component, obj, full_offers(component, owner), set(declared or ()))
     if declared is None:
         return offers
     if not isinstance(declared, dict):
@@ -173,7 +180,53 @@ def read_declaration(component: str, obj: Any, owner: str) -> Offers:
         ordered = [v for v in opt.values if any(_same(v, w) for w in offered)]
         ordered += [v for v in offered if not any(_same(v, w) for w in ordered)]
         values[name] = tuple(ordered)
-    return Offers(component, owner, values, compute_dtype, frozenset(declared) - {COMPUTE_DTYPE})
+    return Offers(component, owner, values, compute_dtype, frozenset(declared) - {COMPUTE_DTYPE}, offers.inferred)
+
+
+# Methods whose keywords count as the component's (a model's cache= may be taken by generate or decode).
+SIGNATURE_METHODS = ("__init__", "forward", "generate", "encode", "decode")
+
+
+def _keywords(obj: Any) -> tuple[set[str], set[str], bool] | None:
+    """(constructor keywords, call keywords, any **kwargs) of a class or function; None if unreadable."""
+    try:
+        if isinstance(obj, type):
+            init = set(inspect.signature(obj.__init__).parameters)
+            call: set[str] = set()
+            params = [inspect.signature(obj.__init__).parameters]
+            for method in SIGNATURE_METHODS[1:]:
+                if callable(getattr(obj, method, None)):
+                    sig = inspect.signature(getattr(obj, method)).parameters
+                    call |= set(sig)
+                    params.append(sig)
+        else:
+            sig = inspect.signature(obj).parameters
+            init, call, params = set(), set(sig), [sig]
+    except (TypeError, ValueError):
+        return None
+    var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for sig in params for p in sig.values())
+    return init, call, var_kw
+
+
+def inferred_offers(component: str, obj: Any, offers: Offers, declared: set[str]) -> Offers:
+    """Narrow undeclared options by the signature: a constructor without ``bias`` offers the spec's
+    default only, a forward without ``causal`` offers causal=False only, one without ``mask`` takes no
+    mask. A signature with ``**kwargs`` says nothing, and a declaration always wins."""
+    keywords = _keywords(obj)
+    if keywords is None or keywords[2]:
+        return offers
+    init, call, _ = keywords
+    values, inferred = dict(offers.values), set()
+    for opt in offers.entry.options:
+        if opt.name in declared or opt.name not in values:
+            continue
+        if opt.kind == "init" and isinstance(obj, type) and opt.name not in init:
+            values[opt.name], _ = (opt.default,), inferred.add(opt.name)
+        elif opt.kind == "call" and opt.name not in call:
+            values[opt.name], _ = (opt.default,), inferred.add(opt.name)
+        elif opt.kind == "input" and opt.argument and opt.argument not in init | call:
+            values[opt.name], _ = (False,), inferred.add(opt.name)
+    return Offers(component, offers.owner, values, offers.compute_dtype, offers.declared, frozenset(inferred))
 
 
 def _describe_option(opt: Option) -> str:

@@ -23,12 +23,13 @@ import torch
 from torch import Tensor
 
 # The float32 rule where no float32 baseline is at hand: |error| <= DECLARED_FLOAT32_ULPS * eps32 * scale.
-# Why 64: our float32 implementations, run on the suite's draws against the float64 references, stay
-# within 24 ulp of the output scale (the largest plain float32 error measured over every agreement
-# property of the thorough profile); the error-ratio rule then allows 2 x 24 + 8 = 56 ulp, rounded up to
-# 64. A float64-computing bug (a misplaced eps, a wrong scale) is not hidden by it: those are judged by
-# the float64 rule unless the implementation itself declares float32 compute.
-DECLARED_FLOAT32_ULPS = 64.0
+# Why 96: our float32 implementations, run against the float64 references on every float32 agreement
+# property of the thorough profile (400 examples each, 10,800 comparisons), stay within 38.1 float32 ulp
+# of the output scale (the worst: LayerNorm over d = 2 features, where x - mean cancels; encoder-decoder
+# models follow at 16). The error-ratio rule on that worst case allows 2 x 38.1 + 8 = 84.2 ulp; 96 rounds
+# it up. A float64-computing bug (a misplaced eps, a wrong scale) is not hidden by it: those are judged
+# by the float64 rule unless the implementation itself declares float32 compute.
+DECLARED_FLOAT32_ULPS = 96.0
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
