@@ -326,3 +326,28 @@ def test_a_lazily_allocated_cache_passes(prop):
         kwargs["device"] = "cpu"
     with quick_settings(fn):
         fn(**kwargs)
+
+
+def test_options_are_inferred_from_signatures():
+    """A tutorial's SelfAttention(d_model).forward(x) needs no declaration: no bias keyword means the
+    spec's default (biases), no mask or causal keyword means neither is offered; **kwargs says nothing."""
+
+    class SelfAttention(nn.Module):
+        def __init__(self, d_model):
+            super().__init__()
+
+        def forward(self, x):
+            return x
+
+    offers = Implementation("seed", SimpleNamespace(SelfAttention=SelfAttention)).offers("SelfAttention")
+    assert offers.offered("bias") == (True,) and offers.offered("causal") == (False,)
+    assert offers.offered("mask") == (False,)
+    assert unmet_need(offers, {"mask": True}) == (
+        "needs mask=True; SelfAttention offers mask=False only (its signature has no 'mask'; declare "
+        "spec_options to say otherwise)")
+
+    class Flexible(SelfAttention):
+        def forward(self, x, **kwargs):
+            return x
+
+    assert Implementation("lib", SimpleNamespace(SelfAttention=Flexible)).offers("SelfAttention").offered("mask") == (True, False)
