@@ -37,7 +37,7 @@ def catalog_markdown() -> str:
 def option_row(component: str, option) -> str:
     values = ", ".join(f"`{v!r}`" for v in option.values)
     if option.accepts is not None:
-        values += ", any number >= 0"
+        values += ", or another value its meaning allows"
     return f"| `{component}` | `{option.name}` | {values} | {option.kind} | {option.doc} |"
 
 

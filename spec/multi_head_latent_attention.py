@@ -14,7 +14,7 @@ computes the same function in the inference form (below). The suite passes the i
 RotaryEmbedding, built with the base and pairing it offers; an implementation that defines none is judged
 without the RoPE part (rope=False), and the property about relative positions is skipped.
 
-Shapes (the glossary of spec/__init__.py, plus three widths of this family)
+Shapes (the glossary of spec/__init__.py, whose l, m and r are this family's widths)
 ---------------------------------------------------------------------------
     l = kv_rank (d_c)      the joint key/value latent c_KV, the only content the cache keeps
     m = q_rank (d_c')      the query latent c_Q (q_rank=None: no query compression)
