@@ -2,7 +2,7 @@
 Spec: spec/multi_head_latent_attention.py.
 
 The naive form and the absorbed inference form sit side by side in ``forward``; a property checks that
-they agree. Letters: l = kv_rank, m = q_rank, r = rope_dim, e = head_dim (spec's glossary extension).
+they agree. Letters: l = kv_rank, lq = q_rank, r = rope_dim, e = head_dim (spec's glossary extension).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class MultiHeadLatentAttention(nn.Module):
         if self.q_rank is None:
             q_c, q_in = self.q(x), x
         else:
-            q_in = self.q_down(x)  # c_Q (b, s, m)
+            q_in = self.q_down(x)  # c_Q (b, s, lq)
             if self.q_norm is not None:
                 q_in = self.q_norm(q_in)
             q_c = self.q_up(q_in)

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.requires(MLA)
 @dataclass(frozen=True)
 class MLACase:
     """One MLA configuration and call. Sizes: b batch, s positions, d model width, h heads, e head width,
-    l kv_rank, m q_rank (None: no query compression), r rope_dim (0: no RoPE part)."""
+    l kv_rank, m = lq q_rank (None: no query compression), r rope_dim (0: no RoPE part)."""
 
     b: int
     s: int

@@ -17,9 +17,9 @@ Shape glossary (used in every docstring, comment and shape annotation of the pro
     f   feed-forward width
     n   vocabulary size
     c   classes (classification) or outputs (regression)
-    l   key/value latent rank (multi-head latent attention's kv_rank, d_c)
-    m   query latent rank (its q_rank, d_c')
-    r   decoupled RoPE width (its rope_dim, d_h^R)
+    m   routed experts (mixture of experts' n_experts);  k  experts chosen per token (top_k)
+    l   key/value latent rank (multi-head latent attention's kv_rank, d_c);  lq  its query latent rank
+        (q_rank, d_c');  r  its decoupled RoPE width (rope_dim, d_h^R)
 
 Project-wide conventions
 ------------------------

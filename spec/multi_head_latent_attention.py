@@ -14,10 +14,10 @@ computes the same function in the inference form (below). The suite passes the i
 RotaryEmbedding, built with the base and pairing it offers; an implementation that defines none is judged
 without the RoPE part (rope=False), and the property about relative positions is skipped.
 
-Shapes (the glossary of spec/__init__.py, whose l, m and r are this family's widths)
+Shapes (the glossary of spec/__init__.py, whose l, lq and r are this family's widths)
 ---------------------------------------------------------------------------
     l = kv_rank (d_c)      the joint key/value latent c_KV, the only content the cache keeps
-    m = q_rank (d_c')      the query latent c_Q (q_rank=None: no query compression)
+    lq = q_rank (d_c')     the query latent c_Q (q_rank=None: no query compression)
     r = rope_dim (d_h^R)   the decoupled rotated part of each query head and of the one shared key
     e = head_dim (d_h)     content width of each query, key and value head; h * e need not equal d
     x (b, s, d);  mask bool, broadcastable to (b, h, s, t), t = cached + s;  out (b, s, d), x's dtype and device
@@ -26,7 +26,7 @@ Math (the naive form; h_t in the paper is x here; biases only with bias=True)
 ---------------------------------------------------------------------------
     queries, without compression:   q^C = x W_q^T                        (b, s, h*e)
                                     q^R = RoPE(x W_qr^T)                 (b, s, h*r)  per head, positions p
-    queries, compressed (q_rank m): c_Q = RMSNorm_q(x W_dq^T)            (b, s, m)    (q_norm=False: no norm)
+    queries, compressed (q_rank lq): c_Q = RMSNorm_q(x W_dq^T)          (b, s, lq)    (q_norm=False: no norm)
                                     q^C = c_Q W_uq^T,  q^R = RoPE(c_Q W_qr^T)
     keys and values:                c_KV = RMSNorm_kv(x W_dkv^T)         (b, s, l)    (kv_norm=False: no norm)
                                     k^C = c_KV W_uk^T,  v = c_KV W_uv^T  (b, t, h*e)  split into h heads
@@ -73,7 +73,7 @@ Conventions (pinned, with the reason)
 Options (declarable; properties/options.py)
 -------------------------------------------
 * ``q_rank`` (constructor): None (default: queries straight from x, as DeepSeek-V2-Lite) or the query
-  latent width m (DeepSeek-V2/V3 compress queries); any positive integer may be declared; the
+  latent width lq (DeepSeek-V2/V3 compress queries); any positive integer may be declared; the
   properties draw None, 3 and 8.
 * ``kv_norm`` (constructor): True (default, as the reference models) normalises c_KV with an RMSNorm;
   False: none. ``q_norm`` (constructor): True (default) normalises c_Q (only with q_rank); False: none.
@@ -88,7 +88,7 @@ Options (declarable; properties/options.py)
 Canonical parameters (weights (out, in) as nn.Linear; ``.bias`` of each Linear with bias=True)
 ---------------------------------------------------------------------------------------------
     q_rank None:  q.weight (h*e, d)                      q_rope.weight (h*r, d)
-    q_rank m:     q_down.weight (m, d)   q_norm.weight (m,)   q_up.weight (h*e, m)   q_rope.weight (h*r, m)
+    q_rank lq:    q_down.weight (lq, d)  q_norm.weight (lq,)  q_up.weight (h*e, lq)  q_rope.weight (h*r, lq)
     always:       kv_down.weight (l, d)  kv_norm.weight (l,)  k_up.weight (h*e, l)   v_up.weight (h*e, l)
                   k_rope.weight (r, d)   o.weight (d, h*e)
 q_rope and k_rope exist with rope only; the norms' weights with q_norm / kv_norm only.
@@ -125,7 +125,7 @@ def _rank(value) -> bool:
 
 
 MLA_OPTIONS = (
-    Option("q_rank", (None, 3, 8), "init", "None: queries from x; an int m: through a rank-m latent c_Q "
+    Option("q_rank", (None, 3, 8), "init", "None: queries from x; an int lq: through a rank-lq latent c_Q "
            "(DeepSeek-V2/V3)", accepts=_rank),
     boolean("kv_norm", "an RMSNorm on the key/value latent c_KV (False: none)", kind="init"),
     boolean("q_norm", "an RMSNorm on the query latent c_Q, with q_rank (False: none)", kind="init"),
