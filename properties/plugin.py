@@ -36,6 +36,8 @@ from torch import Tensor, nn
 
 from properties import call_probes
 from properties.call_probes import RUN, CallTimeout
+from properties import precision
+from properties.option_probes import ignored_option
 from properties.options import DeclarationError, Offers, drawn_value, full_offers, read_declaration
 from spec import COMPONENTS, Component, Param
 
@@ -58,7 +60,7 @@ def where_raised(exc: BaseException, callee: Any = None) -> str:
     suite's wrapper or torch's internals; for an error of the call itself (an unexpected keyword argument)
     the definition of what was called, e.g. its ``__init__`` (properties/call_probes.location)."""
     where = call_probes.location(exc, callee)
-    return f" (at {where})" if where else ""
+    return f" ({where})" if where else ""
 
 
 def describe_call(name: str, config: dict[str, Any]) -> str:
@@ -142,7 +144,9 @@ class Implementation:
                 )
 
     def function(self, name: str) -> CheckedFunction:
-        return CheckedFunction(COMPONENTS[name], self.raw(name), self.label, self.offers(name))
+        checked = CheckedFunction(COMPONENTS[name], self.raw(name), self.label, self.offers(name))
+        checked.impl = self  # the ignored-option probe calls it again (properties/option_probes.py)
+        return checked
 
     def build(
         self,
@@ -182,6 +186,7 @@ class Implementation:
             raise ComponentFailure(f"{self.label}: {call} is a {type(module).__name__}, not a torch.nn.Module")
         module = module.to(device=device, dtype=dtype).eval()
         checked = CheckedModule(entry, module, self.label, config, offers)
+        checked.impl = self  # the ignored-option probe rebuilds it with another value (properties/option_probes.py)
         if entry.parameters is not None:
             if params is None:
                 params = draw_parameters(entry.parameters(**parameter_config(config)), seed)
@@ -240,8 +245,13 @@ class CheckedFunction:
     def __call__(self, *args: Tensor, **kwargs: Any) -> Tensor:
         __tracebackhide__ = True
         kwargs = call_arguments(self.offers, kwargs)
+        precision.record(self.offers, self.fn, args, kwargs, self.label)
         probe, self._probed = not getattr(self, "_probed", False), True  # the repeat probes: first call only
-        return checked_call(self.entry, self.fn, self.label, self.entry.name, args, kwargs, probe=probe)
+        out = checked_call(self.entry, self.fn, self.label, self.entry.name, args, kwargs, probe=probe)
+        ignored = ignored_option(self, args, kwargs)
+        if ignored:
+            raise ComponentFailure(f"{self.label}: {self.entry.name} {ignored}")
+        return out
 
 
 class CheckedModule:
@@ -259,8 +269,13 @@ class CheckedModule:
     def __call__(self, *args: Tensor, **kwargs: Any) -> Tensor:
         __tracebackhide__ = True
         kwargs = call_arguments(self.offers, kwargs)
+        precision.record(self.offers, self.module, args, kwargs, self.label)
         probe, self._probed = not getattr(self, "_probed", False), True  # the repeat probes: first call only
-        return checked_call(self.entry, self.module, self.label, self.call, args, kwargs, probe=probe)
+        out = checked_call(self.entry, self.module, self.label, self.call, args, kwargs, probe=probe)
+        ignored = ignored_option(self, args, kwargs)
+        if ignored:
+            raise ComponentFailure(f"{self.label}: {self.call} {ignored}")
+        return out
 
     def method(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Call another method of the module (``generate``, ``encode``, ``new_cache``, ...), reporting a
@@ -290,7 +305,8 @@ class CheckedModule:
         """The module's parameters under the spec's canonical names (live tensors or views, not copies)."""
         expected = self.expected_parameters()
         try:
-            state = {name: canonical_tensor(self.module, name) for name in expected}
+            lookups: dict = {}
+            state = {name: canonical_tensor(self.module, name, lookups) for name in expected}
         except KeyError as exc:
             own = sorted(dict(self.module.named_parameters()))
             raise ComponentFailure(
@@ -311,7 +327,7 @@ class CheckedModule:
         has no ``.grad`` of its own, so its gradient is the same slice of its base parameter's."""
         out: dict[str, Tensor | None] = {}
         for name, tensor_ in self.canonical_state().items():
-            if tensor_.grad is not None or tensor_._base is None:
+            if tensor_.is_leaf or tensor_._base is None:
                 out[name] = tensor_.grad
                 continue
             base = next((p for p in self.module.parameters() if p is tensor_._base), None)
@@ -337,6 +353,15 @@ class CheckedModule:
                 raise ComponentFailure(
                     f"{self}: load_canonical_state_dict raised {type(exc).__name__}: {exc}{where_raised(exc)}"
                 ) from None
+            # Read the weights back: a loader that skips a tensor would leave the module's own init in place,
+            # and every property would then judge other weights than the reference's.
+            state = self.canonical_state()
+            wrong = [n for n, v in params.items() if n in state and not torch.equal(state[n].detach(), v)]
+            if wrong:
+                raise ComponentFailure(
+                    f"{self}: after load_canonical_state_dict, canonical_state_dict() does not return the loaded "
+                    f"values for {wrong}: the two must be inverse (see examples/fused_qkv_attention.py)"
+                )
             return
         state = self.canonical_state()
         with torch.no_grad():
@@ -344,7 +369,7 @@ class CheckedModule:
                 state[name].copy_(value)
 
 
-def canonical_tensor(module: nn.Module, name: str) -> Tensor:
+def canonical_tensor(module: nn.Module, name: str, cache: dict | None = None) -> Tensor:
     """The tensor standing for canonical parameter ``name`` in ``module``.
 
     Composes through sub-modules: ``canonical_state_dict()`` first (fused layouts); then
@@ -352,12 +377,18 @@ def canonical_tensor(module: nn.Module, name: str) -> Tensor:
     ``{"self_attn": "attn"}``); then the name itself. A prefix leads into a sub-module, which resolves
     the rest of the name by the same rules, so a layer never restates the names of its attention.
     """
+    # ``cache`` (id(module) -> its parameters / canonical_state_dict) keeps a whole state's lookup linear.
+    cache = {} if cache is None else cache
     if hasattr(module, "canonical_state_dict"):
-        state = module.canonical_state_dict()
+        if ("state", id(module)) not in cache:
+            cache[("state", id(module))] = module.canonical_state_dict()
+        state = cache[("state", id(module))]
         if name in state:
             return state[name]
     rename: dict[str, str] = getattr(module, "canonical_names", {}) or {}
-    own = dict(module.named_parameters())
+    if ("own", id(module)) not in cache:
+        cache[("own", id(module))] = dict(module.named_parameters())
+    own = cache[("own", id(module))]
     theirs = rename.get(name, name)
     if theirs in own:
         return own[theirs]
@@ -370,7 +401,7 @@ def canonical_tensor(module: nn.Module, name: str) -> Tensor:
         except AttributeError:
             continue
         if sub is not module:
-            return canonical_tensor(sub, rest)
+            return canonical_tensor(sub, rest, cache)
     raise KeyError(f"has no parameter {theirs!r} for the spec's {name!r}")
 
 
@@ -434,9 +465,9 @@ def _invoke(entry: Component, fn: Callable, label: str, call: str, args: tuple, 
     except ComponentFailure:
         raise
     except CallTimeout as exc:
-        stopped = where_raised(exc).removeprefix(" (at ").removesuffix(")")
+        stopped = call_probes.location(exc)
         problem = (f"did not return within {call_probes.show_seconds(RUN.call_timeout)}"
-                   + (f" (stopped at {stopped})" if stopped else "")
+                   + (f" (stopped {stopped})" if stopped.startswith("at ") else "")
                    + "; later calls of it are not attempted. Look for a loop that never ends, a sleep or a "
                    "wait (--call-timeout SECONDS sets the limit)")
     except SystemExit as exc:
@@ -469,7 +500,7 @@ def checked_call(
     if known:
         _defect(label, entry.name, call, known)
     before = call_probes.snapshot(args, kwargs)
-    probe = probe and RUN.probes and not call_probes.exempt(fn, args, kwargs)
+    probe = probe and call_probes.take_probe(label, entry.name, fn, args, kwargs)
     pristine = call_probes.pristine_copy(fn) if probe else None
     out = _invoke(entry, fn, label, call, args, kwargs)
     changed = call_probes.modified_inputs(fn, before)
@@ -507,7 +538,7 @@ def checked_call(
     if probe:
         found = call_probes.repeat_probe(
             fn, pristine, args, kwargs, out,
-            lambda f, a, k: _invoke(entry, f, label, call, a, k, probing=True),
+            lambda f, a, k: _invoke(entry, f, label, call, a, k, probing=True), key=(label, entry.name),
         )
         if found:
             _defect(label, entry.name, call, found, remember=True)
@@ -546,6 +577,7 @@ def load_implementation(target: str) -> Implementation:
     """A built-in name ("ours", "pytorch"), a path to a .py file, or an importable module name."""
     if target in BUILTIN_TARGETS:
         impl = Implementation(target, importlib.import_module(BUILTIN_TARGETS[target]))
+        call_probes.add_implementation_root(impl.namespace)
         impl.validate()
         return impl
     path = Path(target)
@@ -564,9 +596,10 @@ def load_implementation(target: str) -> Implementation:
                     "or the name of an importable module."
                 ) from None
             raise ImplementationLoadError(_import_failure(target, exc)) from None
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise ImplementationLoadError(_import_failure(target, exc)) from None
         label = target
+    call_probes.add_implementation_root(module)
     if not Implementation(label, module).provided():
         raise ImplementationLoadError(
             f"--impl {target}: the module defines none of the spec's components. "
@@ -586,11 +619,13 @@ def _import_file(path: Path) -> ModuleType:
     sys.modules[name] = module  # so dataclasses and pickling inside it work
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() at import is a broken file, not the end of the run
         del sys.modules[name]
         raise ImplementationLoadError(_import_failure(str(path), exc)) from None
     return module
 
 
 def _import_failure(target: str, exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"--impl {target} called sys.exit({exc.code!r}) while being imported{where_raised(exc)}"
     return f"--impl {target} failed to import: {type(exc).__name__}: {exc}{where_raised(exc)}"
