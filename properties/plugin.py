@@ -311,7 +311,7 @@ class CheckedModule:
             own = sorted(dict(self.module.named_parameters()))
             raise ComponentFailure(
                 f"{self}: {exc.args[0]}; its parameters are {own}. Name them as the spec does, or map them "
-                "with `canonical_names` (README, 'Parameter names')."
+                "with `canonical_names` (README, 'Check your own implementation')."
             ) from None
         for name, param in expected.items():
             if tuple(state[name].shape) != param.shape:

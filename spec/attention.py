@@ -39,7 +39,7 @@ Canonical parameters (the names the relational properties use to share weights)
     q.weight (h*e, d)  q.bias (h*e,)     k.weight (g*e, d)  k.bias (g*e,)
     v.weight (g*e, d)  v.bias (g*e,)     o.weight (d, h*e)  o.bias (d,)
 with g = h here (MQA and GQA, in spec/grouped_query_attention.py, shrink k and v). An implementation
-whose parameters carry other names maps them (README, "Plugging in").
+whose parameters carry other names maps them (README, "Check your own implementation").
 
 Properties (properties/test_attention.py)
 -----------------------------------------
