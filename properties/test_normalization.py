@@ -130,7 +130,9 @@ def test_norm_agrees_with_reference(impl, device, dtype, component, data):
     Hint: LayerNorm divides by sqrt(biased variance + eps) (divide by d, eps inside the root); RMSNorm
     divides by sqrt(mean(x^2) + eps) with no mean subtraction and no bias; both over the last axis only.
     """
-    case = data.draw(norm_cases(impl.offers(component)), label="case")
+    # LayerNorm over one feature is a constant row (x - mean = 0): that pinned corner case has its own
+    # property (test_layer_norm_of_a_constant_row_is_the_bias), so agreement does not shrink onto it.
+    case = data.draw(norm_cases(impl.offers(component), min_d=2 if component == "LayerNorm" else 1), label="case")
     module = case.build(impl, device=device, dtype=dtype)
     x = case.inputs(dtype, device)
     assert_close(
