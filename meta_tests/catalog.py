@@ -169,7 +169,14 @@ def quick_settings(prop: Callable) -> Iterator[None]:
         report_multiple_bugs=False,
         max_examples=max(original.max_examples, 50),
     )
+    # Hypothesis' pytest plugin leaves the digest of the last parametrization on the inner test, and the
+    # derandomized seed includes it: without this, which examples a mutant meets would depend on whether
+    # (and with which parameters) pytest ran the property earlier in the same process.
+    inner = prop.hypothesis.inner_test
+    digest = inner.__dict__.pop("_hypothesis_internal_add_digest", None)
     try:
         yield
     finally:
         prop._hypothesis_internal_use_settings = original
+        if digest is not None:
+            inner._hypothesis_internal_add_digest = digest
