@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import platform
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repository root
 
+from timing import median_seconds  # noqa: E402 (benchmarks/timing.py)
 from implementations.tokenization import Tokenizer, train_bpe  # noqa: E402
 from spec.tokenization import GPT2_PATTERN, bytes_to_unicode, reference_train_bpe  # noqa: E402
 
@@ -56,16 +56,6 @@ def generated_documents(megabytes: float, seed: int = 0) -> list[str]:
         docs.append(doc)
         size += len(doc.encode("utf-8"))
     return docs
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def hf_trained(docs: list[str], vocab_size: int):
     from tokenizers import Tokenizer as HF, models, pre_tokenizers, trainers

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,19 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repository root
 
+from timing import median_seconds  # noqa: E402 (benchmarks/timing.py)
 from implementations.mixture_of_experts import MixtureOfExperts, dense_mixture  # noqa: E402
 from spec.mixture_of_experts import mixture_of_experts as reference  # noqa: E402
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: first-call allocations and kernel selection
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,8 +63,8 @@ def main() -> None:
             x = torch.randn(1, tokens, args.d_model)
             with torch.inference_mode():
                 sparse_out, dense_out = moe(x), dense_mixture(moe, x)
-                sparse = median_seconds(lambda: moe(x), args.repeats)
-                dense = median_seconds(lambda: dense_mixture(moe, x), args.repeats)
+                sparse = median_seconds(lambda: moe(x), args.repeats, warm_up=True)
+                dense = median_seconds(lambda: dense_mixture(moe, x), args.repeats, warm_up=True)
             diff = (sparse_out - dense_out).abs().max().item()
             print(f"{tokens:>7} | {k:>5} | {1e3 * sparse:>9.2f} | {1e3 * dense:>8.2f} | {dense / sparse:>6.2f}x | "
                   f"{f'{k * tokens} / {m * tokens}':>24} | {diff:>20.2e}")
