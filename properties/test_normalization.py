@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import implementations
+from properties.attention_cases import OURS
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true, float64_rtol
 from properties.options import Offers, draws_options
 from properties.plugin import backward
@@ -93,13 +93,9 @@ def norm_cases(draw, offers: Offers, *, eps: str = "positive", min_d: int = 1, m
 
 def baseline(case: NormCase, module, x: torch.Tensor) -> torch.Tensor:
     """Our implementation's output on x with ``module``'s parameters and the case's options: the same-dtype
-    baseline of the error-ratio rule. Built directly, since the suite's build of ours accepts only the eps
-    values the spec draws, and a declared eps (1e-6 for a LayerNorm) may be another."""
-    ours = getattr(implementations, case.component)(d_model=case.d, **case.options).to(device=x.device, dtype=x.dtype)
-    with torch.no_grad():
-        for name, value in module.canonical_state().items():
-            ours.get_parameter(name).copy_(value)
-        return ours(x)
+    baseline of the error-ratio rule (a declared eps, e.g. 1e-6 for a LayerNorm, is built into ours too)."""
+    params = {k: v.detach() for k, v in module.canonical_state().items()}
+    return case.build(OURS, device=x.device, dtype=x.dtype, params=params).module(x)
 
 
 def numpy_params(module) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import implementations
+from properties.attention_cases import OURS
 from properties.assertions import PRECISIONS, assert_close, assert_true, fail, float64_rtol
 from properties.options import Offers, draws_options
 from properties.probes import expect_value_error, gradcheck
@@ -163,9 +163,9 @@ def build(impl, cfg: RopeConfig, device="cpu", dtype=torch.float64, **changes):
 
 
 def ours(cfg: RopeConfig, device="cpu", dtype=torch.float64, **changes) -> torch.nn.Module:
-    """Our RotaryEmbedding for cfg, the same-dtype baseline of the error-ratio rule. Built directly: the
-    suite's build of ours accepts only the bases the spec draws, and a declared base may be another."""
-    return implementations.RotaryEmbedding(**{**cfg.ctor, **changes}).to(device=device, dtype=dtype)
+    """Our RotaryEmbedding for cfg (a declared base or pairing included), the same-dtype baseline of the
+    error-ratio rule."""
+    return build(OURS, cfg, device, dtype, **changes).module
 
 
 def reference(x: torch.Tensor, cfg: RopeConfig, *, pairing: str | None = None, **call) -> np.ndarray:
