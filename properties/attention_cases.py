@@ -40,6 +40,14 @@ ATTENTION_MODULES = list(HEADS)
 SELF_ATTENTION_MODULES = [c for c in HEADS if not HEADS[c][1]]
 
 
+def round_robin_order(h: int, g: int) -> Tensor:
+    """The query heads of a round-robin grouping (head i reads KV head i % g) in contiguous order: their
+    head (j % r) * g + j // r reads the KV head that contiguous head j reads (j // r, r = h // g). The two
+    groupings are one map up to this permutation of query heads."""
+    r = h // g
+    return torch.tensor([(j % r) * g + j // r for j in range(h)])
+
+
 @dataclass(frozen=True)
 class AttentionCase:
     """One attention module configuration and call: sizes, seed, options, mask and causal flag."""
@@ -85,8 +93,7 @@ class AttentionCase:
         if self.grouping == "contiguous":
             return params
         c = self.cfg
-        r = c.h // c.g
-        order = torch.tensor([(j % r) * c.g + j // r for j in range(c.h)])
+        order = round_robin_order(c.h, c.g)
         rows = (order[:, None] * c.e + torch.arange(c.e)).reshape(-1)  # head order -> feature order
         params["q.weight"] = params["q.weight"][rows]
         if "q.bias" in params:
@@ -147,13 +154,6 @@ def no_empty_rows(mask: np.ndarray, *, causal: bool, s: int, t: int) -> np.ndarr
     rows = np.nonzero(empty)
     mask[(*rows, np.clip(rows[-1] + (t - s), 0, t - 1))] = True
     return mask.view(Mask)
-
-
-def has_empty_row(mask, causal: bool, s: int, t: int) -> bool:
-    allowed = np.ones((s, t), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    if causal:
-        allowed = allowed & causal_mask(s, t)
-    return bool((~allowed.any(-1)).any())
 
 
 @draws_options(

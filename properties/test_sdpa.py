@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import implementations
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
-from properties.attention_cases import has_empty_row, no_empty_rows
+from properties.attention_cases import no_empty_rows, round_robin_order
 from properties.options import Offers, draws_options
 from properties.probes import gradcheck, jacobian, math_backend, torch_has_enable_gqa
 from properties.strategies import AttentionConfig, Mask, as_mask, attention_configs, boolean_masks, seeds, tensor
@@ -55,8 +55,7 @@ class SdpaCall:
         if self.grouping == "contiguous":
             return fn(q, k, v, mask=mask, **kwargs)
         c = self.cfg
-        r = c.h // c.g
-        order = torch.tensor([(j % r) * c.g + j // r for j in range(c.h)], device=q.device)
+        order = round_robin_order(c.h, c.g).to(q.device)
         if mask is not None and mask.shape[1] == c.h:
             mask = mask[:, order]
         out = fn(q[:, order], k, v, mask=mask, **kwargs)
