@@ -289,7 +289,7 @@ class CheckedModule:
         if known:
             _defect(self.label, self.entry.name, self.call, known)
         before = call_probes.snapshot(args, kwargs)
-        out = _invoke(self.entry, fn, self.label, f"{self.call}.{name}", args, kwargs)
+        out = invoke(self.entry, fn, self.label, f"{self.call}.{name}", args, kwargs)
         changed = call_probes.modified_inputs(fn, before)
         if changed:
             raise ComponentFailure(f"{self.label}: {self.call}.{name} {changed}")
@@ -454,10 +454,12 @@ def _defect(label: str, component: str, call: str, text: str, *, remember: bool 
     raise ComponentFailure(f"{label}: {call} {text}")
 
 
-def _invoke(entry: Component, fn: Callable, label: str, call: str, args: tuple, kwargs: dict[str, Any],
-            *, probing: bool = False) -> Any:
+def invoke(entry: Component, fn: Callable, label: str, call: str, args: tuple, kwargs: dict[str, Any],
+           *, probing: bool = False) -> Any:
     """``fn(*args, **kwargs)`` under the watchdog; an exception, ``sys.exit`` or a timeout becomes the
-    component's failure (while ``probing``, an exception just returns None: the probe stays silent)."""
+    component's failure (while ``probing``, an exception just returns None: the probe stays silent).
+    ``checked_call`` builds on it for a component that returns one tensor; a property whose component
+    returns something else (a tuple, a module, ids) calls this and checks the result itself."""
     __tracebackhide__ = True
     try:
         # Our own implementation (the baseline of every property) needs no watchdog: a timer per call,
@@ -504,7 +506,7 @@ def checked_call(
     before = call_probes.snapshot(args, kwargs)
     probe = probe and call_probes.take_probe(label, entry.name, fn, args, kwargs)
     pristine = call_probes.pristine_copy(fn) if probe else None
-    out = _invoke(entry, fn, label, call, args, kwargs)
+    out = invoke(entry, fn, label, call, args, kwargs)
     changed = call_probes.modified_inputs(fn, before)
     if changed:
         raise ComponentFailure(f"{label}: {call} {changed}")
@@ -540,7 +542,7 @@ def checked_call(
     if probe:
         found = call_probes.repeat_probe(
             fn, pristine, args, kwargs, out,
-            lambda f, a, k: _invoke(entry, f, label, call, a, k, probing=True), key=(label, entry.name),
+            lambda f, a, k: invoke(entry, f, label, call, a, k, probing=True), key=(label, entry.name),
         )
         if found:
             _defect(label, entry.name, call, found, remember=True)

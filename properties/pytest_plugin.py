@@ -215,26 +215,33 @@ def _is_suite_run(config: pytest.Config, targets: list[str]) -> bool:
 HYPOTHESIS_PROFILES_READY = False
 
 
-def _hypothesis_profiles() -> None:
+def _hypothesis_profiles(*, learner_run: bool) -> None:
     """Profiles. Deadlines are off: torch's first call of an op (kernel selection, lazy init, CUDA context)
     takes far longer than the rest, and a deadline would flag warm-up, not the implementation. too_slow
     stays on: our strategies draw small shapes, so a slow draw is a real problem. One failure per property
     (report_multiple_bugs=False) and no "explain" phase keep a report short: the claim, the shrunk
-    configuration, the error and the hint."""
+    configuration, the error and the hint.
+
+    Two defaults, both derandomized (the same examples every run: a red run is never a coin toss):
+    ``impl`` (20 examples) for ``--impl`` runs, and ``ci`` (10 examples) for the suite's own run on ours and
+    PyTorch's modules. The suite's own run is a regression guard over code that has passed the ``thorough``
+    profile (400 examples a property), and what each property can catch is shown by the mutant catalog,
+    which runs every property at 50 examples (meta_tests/catalog.py); a learner's code has met neither,
+    so it gets twice the examples."""
     global HYPOTHESIS_PROFILES_READY
     from hypothesis import Phase, settings
 
     if not HYPOTHESIS_PROFILES_READY:
         quiet = dict(deadline=None, print_blob=True, report_multiple_bugs=False,
                      phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink])
-        settings.register_profile("fast", max_examples=10, **quiet)
-        # CI replays the same examples every run (derandomize): a red CI is never a coin toss.
-        settings.register_profile("ci", max_examples=20, derandomize=True, database=None, **quiet)
+        settings.register_profile("fast", max_examples=5, **quiet)
+        settings.register_profile("ci", max_examples=10, derandomize=True, database=None, **quiet)
+        settings.register_profile("impl", max_examples=20, derandomize=True, database=None, **quiet)
         settings.register_profile("thorough", max_examples=400, **quiet)
         HYPOTHESIS_PROFILES_READY = True
     # Health checks stay on in every profile: strategies build valid inputs instead of filtering them.
     # (Hypothesis' own plugin loads --hypothesis-profile after this.)
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "impl" if learner_run else "ci"))
 
 
 MARKERS = (
@@ -242,6 +249,7 @@ MARKERS = (
     "needs(*components, **options): option values a property needs the implementation to offer "
     "(properties/options.py)",
     "slow: learnability tests that train small models (still inside CI's time)",
+    "distributed: starts a 2-process gloo group; deselected by default, its own CI step (pytest -m distributed)",
 )
 
 
@@ -267,7 +275,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if line.split("(", 1)[0].split(":", 1)[0] not in known:
             config.addinivalue_line("markers", line)
     config.addinivalue_line("filterwarnings", "error::hypothesis.errors.NonInteractiveExampleWarning")
-    _hypothesis_profiles()
+    _hypothesis_profiles(learner_run=bool(targets))
 
     import torch
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from hypothesis import settings
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -153,3 +154,11 @@ def chunkings(draw, total: int) -> list[int]:
     cuts = draw(st.sets(st.integers(1, total - 1), max_size=total - 1), label="cuts") if total > 1 else set()
     bounds = [0, *sorted(cuts), total]
     return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def fewer_examples(divisor: int = 2) -> settings:
+    """``@fewer_examples()`` on a property whose claim is structural (a dtype kept, a size refused, bytes
+    stored) and met alike by every configuration: the loaded profile's example count over ``divisor``, at
+    least 3. Read when the test module is imported (after the profile is loaded), so the thorough profile
+    still deepens such a property, which a fixed ``@settings(max_examples=5)`` would not."""
+    return settings(max_examples=max(3, settings.default.max_examples // divisor))

@@ -25,33 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from properties.assertions import assert_equal, assert_true
-from properties.plugin import (CheckedModule, Implementation, backward)
+from properties.plugin import CheckedModule, Implementation
+from properties.training import SEED, data_generator, train
 
 pytestmark = pytest.mark.slow
-SEED = 20240501
-
-
-def data_generator(salt: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(SEED + salt)
-
-
-def train(model: CheckedModule, loss_of_batch, *, steps: int, lr: float, batch: int, n_train: int) -> list[float]:
-    """Adam for ``steps`` steps on mini-batches of indices drawn from a fixed generator; returns the losses.
-    ``loss_of_batch(index)`` computes the loss of the training examples ``index`` in train mode."""
-    torch.manual_seed(SEED)  # dropout, if any
-    order = data_generator(99)
-    optimizer = torch.optim.Adam(model.module.parameters(), lr=lr)
-    model.module.train()
-    losses = []
-    for _ in range(steps):
-        index = torch.randint(0, n_train, (batch,), generator=order)
-        loss = loss_of_batch(index)
-        optimizer.zero_grad()
-        backward(loss, model)
-        optimizer.step()
-        losses.append(loss.item())
-    model.module.eval()
-    return losses
 
 
 # --------------------------------------------------------------------------------------------------------
