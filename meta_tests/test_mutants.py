@@ -10,10 +10,19 @@ from properties.plugin import COMPONENTS
 
 MUTANTS = load_catalog()
 PROPERTIES = all_properties()
-CASES = [(m, p) for m in MUTANTS for p in m.caught_by]
 
 
-@pytest.mark.parametrize("mutant, prop", CASES, ids=[f"{m.name} <- {p}" for m, p in CASES])
+def _case(m, name: str):
+    """A (mutant, property) pair carrying the property's ``distributed`` mark: a property that starts a
+    process group runs in its own CI step (pytest -m distributed), its mutant runs with it."""
+    marks = [k for k in getattr(PROPERTIES.get(name), "pytestmark", []) if k.name == "distributed"]
+    return pytest.param(m, name, marks=marks, id=f"{m.name} <- {name}")
+
+
+CASES = [_case(m, p) for m in MUTANTS for p in m.caught_by]
+
+
+@pytest.mark.parametrize("mutant, prop", CASES)
 def test_mutant_is_caught_by_property(mutant, prop):
     """Running ``prop`` on ``mutant`` fails (an AssertionError, the suite's failure type)."""
     assert prop in PROPERTIES, f"{mutant.name} names {prop}, which is not a property in properties/"
