@@ -20,6 +20,16 @@ Shape glossary (used in every docstring, comment and shape annotation of the pro
     m   routed experts (mixture of experts' n_experts);  k  experts chosen per token (top_k)
     l   key/value latent rank (multi-head latent attention's kv_rank, d_c);  lq  its query latent rank
         (q_rank, d_c');  r  its decoupled RoPE width (rope_dim, d_h^R)
+    w   sliding window: the positions a query sees, itself included
+    nb  blocks in a paged KV cache's pool (num_blocks);  pb  positions per block (block_size);
+        mb  block-table width (blocks per sequence)
+    kd  draft tokens proposed per round of speculative decoding (its ``k`` argument)
+    i, o  a linear layer's input and output features (quantization, tensor parallelism)
+    tp  tensor-parallel size (world_size: the ranks one layer is split over)
+    j   Decision Transformer steps (the model reads 3j tokens: R, s, a per step);  ds  state width
+        (state_dim);  da  action count (discrete) or width (continuous) (act_dim)
+    ch  image channels;  ih, iw  image height and width;  p  patch side;  gh, gw  patch-grid rows and
+        columns (a vision transformer has gh*gw patch tokens)
 
 Project-wide conventions
 ------------------------
