@@ -40,7 +40,9 @@ class Mutant:
     params: dict[str, Any] = field(default_factory=dict)
 
     def implementation(self) -> Implementation:
-        return Implementation(f"mutant {self.name}", SimpleNamespace(**{self.provides: self.obj}), fallback=OURS)
+        # No ignored-option probe: each property must catch the mutant by its own claim.
+        return Implementation(f"mutant {self.name}", SimpleNamespace(**{self.provides: self.obj}), fallback=OURS,
+                              probe_options=False)
 
     def __repr__(self) -> str:
         return self.name

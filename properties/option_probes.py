@@ -52,7 +52,7 @@ def ignored_option(checked: Any, args: tuple, kwargs: dict) -> str | None:
     if (label, entry.name) in _verdicts:
         return _verdicts[(label, entry.name)]
     impl = getattr(checked, "impl", None)
-    if label == "ours" or impl is None or "cache" in kwargs:
+    if label == "ours" or impl is None or not impl.probe_options or "cache" in kwargs:
         return None
     from properties.attention_cases import OURS  # late: attention_cases imports this module's users
 

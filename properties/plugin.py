@@ -76,11 +76,15 @@ class Implementation:
     module defines ``__all__``, only the names it lists; otherwise any attribute of that name.
     """
 
-    def __init__(self, label: str, namespace: ModuleType | Any, *, fallback: Implementation | None = None):
+    def __init__(self, label: str, namespace: ModuleType | Any, *, fallback: Implementation | None = None,
+                 probe_options: bool = True):
         self.label = label
         self.namespace = namespace
         # Only the suite's own mutant tests use a fallback (a mutant replaces one component of ours).
         self.fallback = fallback
+        # The ignored-option probe (properties/option_probes.py). The mutant catalog turns it off: there a
+        # property must catch its mutant by its own claim, not by the probe's sentence.
+        self.probe_options = probe_options
         self._offers: dict[str, Offers] = {}
 
     def __repr__(self) -> str:
