@@ -244,6 +244,33 @@ def _hypothesis_profiles(*, learner_run: bool) -> None:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "impl" if learner_run else "ci"))
 
 
+def _remember_test_digests() -> None:
+    """Hypothesis hashes a test's cleaned source twice per run (inspect.getsource, ast and tokenize: ~2 ms
+    each), for the derandomized seed and the example-database key, and never remembers the result. This
+    suite runs about two thousand tests and mutant runs per session, so it remembers the digest per
+    function and parametrization (the only inputs besides the source, which does not change within a
+    process). The seeds and keys are the ones Hypothesis computes; only the repeats are skipped. A private
+    name of Hypothesis: if a release renames it, nothing is patched and nothing else changes."""
+    from hypothesis import core
+
+    original = getattr(core, "function_digest", None)
+    if original is None or getattr(original, "remembered", False):
+        return
+    digests: dict[tuple[Any, Any], bytes] = {}
+
+    def function_digest(function: Any) -> bytes:
+        try:
+            key = (function, getattr(function, "_hypothesis_internal_add_digest", None))
+            if key not in digests:
+                digests[key] = original(function)
+            return digests[key]
+        except TypeError:  # an unhashable callable
+            return original(function)
+
+    function_digest.remembered = True
+    core.function_digest = function_digest
+
+
 MARKERS = (
     "requires(*components): the spec components a property needs from the implementation under test",
     "needs(*components, **options): option values a property needs the implementation to offer "
@@ -276,6 +303,7 @@ def pytest_configure(config: pytest.Config) -> None:
             config.addinivalue_line("markers", line)
     config.addinivalue_line("filterwarnings", "error::hypothesis.errors.NonInteractiveExampleWarning")
     _hypothesis_profiles(learner_run=bool(targets))
+    _remember_test_digests()
 
     import torch
 
