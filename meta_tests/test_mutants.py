@@ -83,3 +83,16 @@ def test_readme_lists_every_option():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [f"{c}.{o.name}" for c, entry in COMPONENTS.items() for o in entry.options if option_row(c, o) not in readme]
     assert not missing, f"README.md's table of options lacks or misstates {missing}: regenerate it with python -m meta_tests.readme_catalog --options"
+
+
+def test_readme_names_every_component():
+    """The README's list of names ("Check your own implementation") has every spec component, with its
+    family: a learner looks a name up there before writing a class."""
+    from pathlib import Path
+
+    from spec import COMPONENTS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    names = readme[readme.index("* **Names.**"):readme.index("A component you do not define")]
+    missing = [n for n, entry in COMPONENTS.items() if f"`{n}`" not in names or f"({entry.family})" not in names]
+    assert not missing, f"README.md's list of names lacks {missing} (or their family)"
