@@ -1,20 +1,27 @@
-"""The examples prove the option space: three correct models written unlike ours declare what they lack and
-pass the model-level properties in their own configuration, and the buggy attention file keeps failing
-with the messages that name its bugs.
+"""The examples prove the option space: five correct files written unlike ours declare what they lack and
+pass the properties in their own configuration, and the buggy attention file keeps failing with the
+messages that name its bugs.
 
 * examples/gpt_block.py: GPT-2 (causal-only fused-QKV attention without a mask, learned positions,
   LayerNorm with a fixed eps, exact GELU, pre-norm, tied head, no cache);
 * examples/llama_block.py: LLaMA (no biases, contiguous GQA, half-split RoPE and RMSNorm computed in
   float32 and declared so, SwiGLU, untied head, no cache);
 * examples/post_norm_seq2seq.py: the original encoder-decoder (post-norm, ReLU, sinusoidal positions with
-  sqrt(d)-scaled embeddings, -1e9 masking declared as empty_rows=False, no cache).
+  sqrt(d)-scaled embeddings, -1e9 masking declared as empty_rows=False, no cache);
+* examples/dpo_trainer_style.py: DPO as a TRL-style trainer writes it (-100 labels, shift, log_softmax and
+  gather; TRL's dpo_loss with label_smoothing, the reference detached inside, detached rewards; the sum
+  only, declared as average_log_prob=False);
+* examples/vit_pytorch_style.py: ViT as vit-pytorch writes it (Rearrange to (p1 p2 c) patches then a Linear,
+  mapped to the conv layout by a permuted view; class token, learned positions, pre-norm sublayers with
+  their norms inside, fused to_qkv; pool="cls" only, since its mean pooling counts the class token;
+  nn.LayerNorm's eps 1e-5 declared).
 
 Each example is loaded the way ``--impl`` loads it (properties.plugin.load_implementation validates every
 declaration), and a few representative properties run on it directly, as the mutant tests do: agreement
-with the reference, causality, padding, and the LLaMA example's learnability (the cheapest training run;
-the GPT and seq2seq examples' learnability costs 4 s of CI and is checked by their full runs). The full
-runs (``pytest -n 2 --impl examples/<file>.py``, figures in the README) check everything else; this module
-keeps CI to seconds.
+with the reference, causality, padding, a structural property or two, and the LLaMA example's learnability
+(the cheapest training run; the other examples' learnability costs seconds of CI and is checked by their
+full runs). The full runs (``pytest -n 2 --impl examples/<file>.py``, figures in the README) check
+everything else; this module keeps CI to seconds.
 """
 
 from __future__ import annotations
@@ -111,7 +118,7 @@ def run(name: str, impl: Implementation, *, shrink: bool = False, **params: Any)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The three correct examples: (property, its parametrize values) that must hold.
+# The correct examples: (property, its parametrize values) that must hold.
 
 HOLDS = {
     "gpt_block": [
@@ -133,6 +140,16 @@ HOLDS = {
         ("test_encoder_decoder_ignores_padded_source_positions", {}),
         ("test_attention_masked_keys_have_no_influence", {"component": "CrossAttention"}),
     ],
+    "dpo_trainer_style": [
+        ("test_sequence_logprobs_agrees_with_reference", {}),
+        ("test_dpo_loss_agrees_with_reference", {}),
+        ("test_dpo_loss_sends_no_gradient_to_the_reference", {}),
+    ],
+    "vit_pytorch_style": [
+        ("test_patch_embedding_equals_a_strided_convolution_and_unfold_then_linear", {}),
+        ("test_vision_transformer_agrees_with_reference", {}),
+        ("test_vision_transformer_class_token_output_depends_on_every_patch", {}),
+    ],
 }
 
 
@@ -145,8 +162,9 @@ RUNS = [(stem, prop, params) for stem, runs in HOLDS.items() for prop, params in
 
 @pytest.mark.parametrize("stem, prop, params", RUNS, ids=[_id(*r) for r in RUNS])
 def test_correct_example_passes_the_property(stem, prop, params):
-    """Each correct example, in the configuration it declares, passes agreement, causality, padding (and
-    the LLaMA example learnability) (a regression here is a false alarm of the suite or a broken example)."""
+    """Each correct example, in the configuration it declares, passes agreement, causality, padding or a
+    structural property (and the LLaMA example learnability) (a regression here is a false alarm of the
+    suite or a broken example)."""
     run(prop, example(stem), **params)
 
 
@@ -167,6 +185,12 @@ LACKS = [
      "needs empty_rows=True; MultiHeadedAttention (as MultiHeadAttention) offers empty_rows=False only"),
     ("post_norm_seq2seq", "test_pre_norm_layer_with_zero_output_projections_is_identity",
      {"component": "EncoderLayer"}, "needs norm_first=True; EncoderLayer offers norm_first=False only"),
+    # No property needs average_log_prob=True (the agreement property just draws the sum only): what the
+    # trainer file lacks that skips a property is a model of its own.
+    ("dpo_trainer_style", "test_decoder_only_lm_agrees_with_reference", {"positions": "learned", "tie": False},
+     f"DecoderOnlyLM is not provided by {EXAMPLES / 'dpo_trainer_style.py'}"),
+    ("vit_pytorch_style", "test_vision_transformer_without_positions_is_invariant_to_permuting_patches", {},
+     "needs positions='none'; ViT (as VisionTransformer) offers positions='learned' only"),
 ]
 
 
@@ -191,6 +215,12 @@ def test_declarations_describe_the_configurations():
     assert not llama.provides("FeedForward")  # its FeedForward class is the spec's SwiGLU
     assert seq2seq.offers("EncoderDecoderModel").default("eps") == 1e-6
     assert seq2seq.offers("CrossAttention").offered("empty_rows") == (False,)
+    dpo, vit = example("dpo_trainer_style"), example("vit_pytorch_style")
+    assert dpo.offers("sequence_logprobs").offered("average_log_prob") == (False,)  # the sum only
+    assert dpo.offers("dpo_loss").offered("label_smoothing") == (0.0, 0.1, 0.3)  # conservative DPO, undeclared
+    assert vit.offers("VisionTransformer").offered("pool") == ("cls",)  # its mean pooling counts the class token
+    assert vit.offers("VisionTransformer").default("eps") == 1e-5
+    assert not vit.provides("FeedForward")  # vit-pytorch's FeedForward normalises its input
 
 
 # ---------------------------------------------------------------------------------------------------
