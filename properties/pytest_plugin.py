@@ -256,16 +256,21 @@ def _remember_test_digests() -> None:
     original = getattr(core, "function_digest", None)
     if original is None or getattr(original, "remembered", False):
         return
-    digests: dict[tuple[Any, Any], bytes] = {}
+    import weakref
+
+    # function -> {parametrization digest: digest}; weak, so a test defined on the fly (a meta test's
+    # closure) is not kept alive by its entry.
+    digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def function_digest(function: Any) -> bytes:
         try:
-            key = (function, getattr(function, "_hypothesis_internal_add_digest", None))
-            if key not in digests:
-                digests[key] = original(function)
-            return digests[key]
-        except TypeError:  # an unhashable callable
+            known = digests.setdefault(function, {})
+        except TypeError:  # not weakly referenceable
             return original(function)
+        added = getattr(function, "_hypothesis_internal_add_digest", None)
+        if added not in known:
+            known[added] = original(function)
+        return known[added]
 
     function_digest.remembered = True
     core.function_digest = function_digest

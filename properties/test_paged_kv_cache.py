@@ -98,15 +98,16 @@ class PagedCase:
 @draws_options(ATTENTION, chunked=lambda c: c.s > 1, nan_past_length=lambda c: c.nan)
 @st.composite
 def paged_cases(draw, offers: Offers) -> PagedCase:
-    """Sequences of different lengths whose blocks come from a drawn permutation of the pool."""
-    lengths = tuple(draw(st.lists(st.integers(1, 7), min_size=1, max_size=3), label="lengths"))
+    """Sequences of different lengths whose blocks come from a drawn permutation of the pool; with chunked,
+    every sequence has 2 or more positions and s >= 2 of them are queries (s = 1 is the unchunked case)."""
+    chunked = draw(offers.strategy("chunked"), label="chunked")
+    lengths = tuple(draw(st.lists(st.integers(2 if chunked else 1, 7), min_size=1, max_size=3), label="lengths"))
     pb = draw(st.integers(1, 3), label="block_size")
     used = sum(spec.blocks_needed(n, pb) for n in lengths)
     num_blocks = used + draw(st.integers(0, 2), label="spare_blocks")
     g = draw(st.integers(1, 2), label="g")
-    chunked = draw(offers.strategy("chunked"), label="chunked")
     return PagedCase(
-        lengths=lengths, s=draw(st.integers(1, min(lengths)), label="s") if chunked else 1,
+        lengths=lengths, s=draw(st.integers(2, min(lengths)), label="s") if chunked else 1,
         h=g * draw(st.integers(1, 2), label="h/g"), g=g, e=draw(st.integers(1, 3), label="e"), pb=pb,
         num_blocks=num_blocks, order=tuple(draw(st.permutations(range(num_blocks)), label="order")),
         padding=draw(st.integers(0, num_blocks - 1), label="padding"),
