@@ -135,3 +135,20 @@ def test_a_thread_left_running_is_reported_and_does_not_hang_the_run(pytester: p
     assert "the implementation left thread 'norm-prefetch' (its function keep_busy is at leaves_thread.py:" in output, output
     assert result.ret == 1, output  # the claims held, but a thread left behind fails the run
     assert time.perf_counter() - start < 60
+
+
+def test_the_scorecard_says_which_configurations_a_declaration_left_unchecked(learner_run, pytester) -> None:
+    """A declaration narrows what is checked (``average_log_prob=False``: the mean is never drawn); the
+    scorecard names it next to the claims that held, in the terminal and in the JSON."""
+    import json
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "dpo_trainer_style.py"
+    result, _ = learner_run("--impl", str(example), "properties/test_preference_optimization.py",
+                            "-k", "sequence_logprobs_uses_the_pinned_shift", "--scorecard", str(pytester.path / "card.json"))
+    output = " ".join(result.stdout.str().split())
+    assert result.ret == 0, output
+    assert "checked only in the configurations offered" in output, output
+    assert "sequence_logprobs: average_log_prob=False" in output, output
+    (only,) = json.loads((pytester.path / "card.json").read_text())["implementations"]
+    (row,) = [r for r in only["components"] if r["name"] == "sequence_logprobs"]
+    assert row["checked_only_with"] == "average_log_prob=False"

@@ -197,6 +197,8 @@ class RunState:
     claims: dict[tuple[str, str, str], Claim] = field(default_factory=dict)
     exitstatus: int = 0
     saved_run: Any = None
+    # implementation label -> component -> the options it offers fewer values of than the spec draws
+    narrowed: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 STATE = pytest.StashKey[RunState]()
@@ -319,6 +321,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.implementations = [load_implementation(t) for t in (targets or DEFAULT_TARGETS)]
     except ImplementationLoadError as exc:
         raise pytest.UsageError(str(exc)) from None
+    if targets:
+        state.narrowed = {impl.label: narrowed_options(impl) for impl in config.implementations}
     # The suite's tensors are tiny: torch's intra-op threads cost far more than they save, and under
     # `pytest -n auto` every core already runs a worker (2 workers x 2 threads made a 1 ms forward 100x slower).
     torch.set_num_threads(1)
@@ -699,6 +703,37 @@ def _summaries(state: RunState) -> list[dict[str, Any]]:
     return out
 
 
+def narrowed_options(impl) -> dict[str, str]:
+    """Per component ``impl`` provides, the options it offers fewer values of than the spec draws (declared,
+    or read from its signature), e.g. ``{"sequence_logprobs": "average_log_prob=False"}``. Its claims held
+    in those configurations only, and the scorecard says so: a declaration narrows what is checked."""
+    from spec import COMPONENTS
+
+    out: dict[str, str] = {}
+    for name, entry in COMPONENTS.items():
+        if not impl.provides(name):
+            continue
+        offers = impl.offers(name)
+        parts = [f"{opt.name}=" + "|".join(repr(v) for v in offers.values[opt.name])
+                 for opt in entry.options
+                 if opt.kind != "convention" and opt.name in offers.values
+                 and len(offers.values[opt.name]) < len(opt.values)]
+        if parts:
+            out[name] = ", ".join(parts)
+    return out
+
+
+def _narrowing_lines(state: RunState, label: str, shown: list[dict[str, Any]], width: int) -> list[str]:
+    narrowed = state.narrowed.get(label, {})
+    rows = [(r["name"], narrowed[r["name"]]) for r in shown if r["name"] in narrowed and (r["held"] or r["failed"])]
+    if not rows:
+        return []
+    lines = ["", "  checked only in the configurations offered (declared, or read from the signature):"]
+    for name, text in rows:
+        lines += _wrapped(text, "      ", width, first=f"    {name}: ")
+    return lines
+
+
 def _skipped_text(counter: Counter) -> str:
     return ", ".join(f"{n} {category}" for category, n in counter.most_common())
 
@@ -738,6 +773,7 @@ def render_text(state: RunState, width: int = 100) -> list[tuple[str, list[str]]
             for r in shown:
                 lines.append(f"  {r['name']:<{w}}  {r['held']:>4}  {r['failed'] or '-':>6}  "
                              f"{_skipped_text(r['skipped']) or '-'}")
+        lines += _narrowing_lines(state, s["label"], shown, width)
         if absent:
             n = sum(sum(r["skipped"].values()) for r in absent)
             lines += _wrapped(", ".join(r["name"] for r in absent), "    ", width,
@@ -777,6 +813,11 @@ def render_markdown(state: RunState) -> str:
                 out.append(f"| {r['name']} | {r['held']} | {r['failed']} | {_skipped_text(r['skipped'])} |")
             else:
                 absent.append(r)
+        narrowed = state.narrowed.get(s["label"], {})
+        checked = [r["name"] for r in s["components"] if r["name"] in narrowed and (r["held"] or r["failed"])]
+        if checked:
+            out += ["", "Checked only in the configurations offered (declared, or read from the signature):", ""]
+            out += [f"* {name}: `{narrowed[name]}`" for name in checked]
         if absent:
             n = sum(sum(r["skipped"].values()) for r in absent)
             out += ["", f"Not provided ({n} claims skipped): " + ", ".join(r["name"] for r in absent) + "."]
@@ -816,7 +857,9 @@ def render_json(state: RunState) -> str:
         data["implementations"].append({
             "label": s["label"],
             "totals": s["totals"],
-            "components": [{"name": r["name"], "held": r["held"], "failed": r["failed"], "skipped": dict(r["skipped"])}
+            "components": [{"name": r["name"], "held": r["held"], "failed": r["failed"], "skipped": dict(r["skipped"]),
+                            **({"checked_only_with": state.narrowed[s["label"]][r["name"]]}
+                               if r["name"] in state.narrowed.get(s["label"], {}) else {})}
                            for r in s["components"]],
             "claims": [
                 {"component": c.component, "property": c.prop, "status": c.status,
