@@ -21,9 +21,11 @@ It is correct in its own configuration, which is narrower than the spec's option
 * ``nn.LayerNorm`` with its default eps, 1e-5 (the spec's ViT convention is 1e-6), and ``nn.GELU()``, the
   exact erf form (the spec's activation).
 
-Two departures from vit-pytorch, because the spec's ViT (timm's parameters) has no switch for them: the
-fused ``to_qkv`` has a bias (vit-pytorch: ``bias=False``), and the output projection is always there
-(vit-pytorch replaces it with ``nn.Identity()`` when there is one head as wide as the model).
+* ``to_qkv`` without a bias, as vit-pytorch writes it: ``qkv_bias=False`` (the spec's default is timm's
+  biased q, k, v).
+
+One departure from vit-pytorch, because the spec's ViT has no switch for it: the output projection is
+always there (vit-pytorch replaces it with ``nn.Identity()`` when there is one head as wide as the model).
 ``canonical_names`` and ``canonical_state_dict`` map the parameters to the spec's names (README,
 "Parameter names"); ``SPEC_COMPONENTS`` says which class is which spec component.
 """
@@ -107,14 +109,14 @@ class Attention(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attend = nn.Softmax(dim=-1)
         self.dropout = nn.Dropout(dropout)
-        self.to_qkv = nn.Linear(dim, inner_dim * 3)  # with a bias: the spec's ViT has q, k and v biases
+        self.to_qkv = nn.Linear(dim, inner_dim * 3, bias=False)  # vit-pytorch's: declared qkv_bias=False
         self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
 
     # to_qkv's output chunks into q, k, v: its rows are three blocks, and each block is head-major (h d).
     def canonical_state_dict(self) -> dict[str, Tensor]:
         state = {}
-        for name, w, b in zip("qkv", self.to_qkv.weight.chunk(3, dim=0), self.to_qkv.bias.chunk(3, dim=0)):
-            state[f"{name}.weight"], state[f"{name}.bias"] = w, b
+        for name, w in zip("qkv", self.to_qkv.weight.chunk(3, dim=0)):
+            state[f"{name}.weight"] = w
         state["o.weight"], state["o.bias"] = self.to_out[0].weight, self.to_out[0].bias
         return state
 
@@ -162,7 +164,7 @@ class ViT(nn.Module):
 
     # pool="mean" exists below as vit-pytorch has it, but it averages the class token too: not the spec's
     # mean pooling (patch tokens only), so only "cls" is offered. No switch for the class token or positions.
-    spec_options = {"pool": "cls", "class_token": True, "positions": "learned",
+    spec_options = {"pool": "cls", "class_token": True, "positions": "learned", "qkv_bias": False,
                     "eps": LAYER_NORM_EPS, "activation": "gelu"}
     canonical_names = {"patch_embed": "to_patch_embedding", "pos_embed": "pos_embedding", "layers": "transformer",
                        "final_norm": "transformer.norm", "head": "mlp_head"}

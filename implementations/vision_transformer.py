@@ -59,6 +59,7 @@ class VisionTransformer(nn.Module):
         pool: str = "cls",
         class_token: bool = True,
         positions: str = "learned",
+        qkv_bias: bool = True,
         activation: str = "gelu",
         eps: float = 1e-6,
     ) -> None:
@@ -84,6 +85,10 @@ class VisionTransformer(nn.Module):
             EncoderLayer(d_model=d_model, n_head=n_head, d_ff=d_ff, norm_first=True, activation=activation, eps=eps)
             for _ in range(n_layer)
         )
+        if not qkv_bias:  # vit-pytorch's to_qkv: q, k and v without biases; the output projection keeps its own
+            for layer in self.layers:
+                for projection in (layer.self_attn.q, layer.self_attn.k, layer.self_attn.v):
+                    projection.bias = None
         self.final_norm = LayerNorm(d_model=d_model, eps=eps)  # a pre-norm stack never normalised its stream
         self.head = nn.Linear(d_model, n_classes)
 

@@ -203,6 +203,7 @@ class VitCase:
     pool: str = "cls"
     class_token: bool = True
     positions: str = "learned"
+    qkv_bias: bool = True
     activation: str = "gelu"
     eps: float = 1e-6
 
@@ -213,7 +214,7 @@ class VitCase:
     def config(self) -> dict:
         return dict(image_size=self.g * self.p, patch_size=self.p, channels=self.ch, d_model=self.d, n_head=self.h,
                     n_layer=self.layers, d_ff=self.f, n_classes=self.c, pool=self.pool,
-                    class_token=self.class_token, positions=self.positions)
+                    class_token=self.class_token, positions=self.positions, qkv_bias=self.qkv_bias)
 
     def build(self, impl: Implementation, device="cpu", dtype=torch.float64) -> CheckedModule:
         return impl.build(VIT, seed=self.seed, device=device, dtype=dtype, **self.config())
@@ -234,6 +235,7 @@ class VitCase:
 
     def __repr__(self) -> str:
         options = f"pool={self.pool}, class_token={self.class_token}, positions={self.positions}"
+        options += "" if self.qkv_bias else ", qkv_bias=False"
         options += f", activation={self.activation}" if self.activation != "gelu" else ""
         options += f", eps={self.eps:g}" if self.eps != 1e-6 else ""
         return (f"VisionTransformer case(b={self.b}, ch={self.ch}, image_size={self.g * self.p}, p={self.p}, "
@@ -242,13 +244,13 @@ class VitCase:
 
 
 @draws_options(VIT, pool=lambda case: case.pool, class_token=lambda case: case.class_token,
-               positions=lambda case: case.positions)
+               positions=lambda case: case.positions, qkv_bias=lambda case: case.qkv_bias)
 @st.composite
 def vision_transformer_cases(draw, offers: Offers, *, min_g: int = 1, max_b: int = 2, positions: str | None = None,
                              class_token: bool | None = None, pool: str | None = None) -> VitCase:
     """Tiny ViTs of the options ``offers`` offers: 1-2 channels, patches of 1-2 pixels, a grid of up to 3 x 3,
     3 <= d_model <= 8, 1-2 layers; pool, class_token and positions drawn unless given (pool="cls" only with
-    the class token), activation and eps the implementation's own.
+    the class token), qkv_bias drawn, activation and eps the implementation's own.
 
     d_model >= 3 because a LayerNorm over 1 or 2 features leaves at most a sign.
     """
@@ -266,6 +268,7 @@ def vision_transformer_cases(draw, offers: Offers, *, min_g: int = 1, max_b: int
         f=draw(st.integers(1, 8), label="f"), c=draw(st.integers(1, 3), label="c"), seed=draw(seeds(), label="seed"),
         pool=pool, class_token=class_token,
         positions=positions or draw(offers.strategy("positions"), label="positions"),
+        qkv_bias=draw(offers.strategy("qkv_bias"), label="qkv_bias"),
         activation=offers.default("activation"), eps=offers.default("eps"),
     )
 
@@ -284,8 +287,8 @@ def run(model: CheckedModule, images: Tensor) -> Tensor:
 @pytest.mark.parametrize("dtype", PRECISIONS)
 @given(data=st.data())
 def test_vision_transformer_agrees_with_reference(impl, device, dtype, data):
-    """The logits equal the spec's float64 reference with the same weights, in every offered pool, class token
-    and positions option (float32 by the error-ratio rule against ours in the same configuration).
+    """The logits equal the spec's float64 reference with the same weights, in every offered pool, class token,
+    positions and qkv_bias option (float32 by the error-ratio rule against ours in the same configuration).
 
     Hint: prepend the class token, THEN add the (1 + gh·gw)-row position table (row 0 is the class token's);
     pre-norm layers, the final norm on every token, and the head reads position 0 (pool="cls") or the mean

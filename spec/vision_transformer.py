@@ -66,6 +66,9 @@ Options (declarable; properties/options.py: an implementation lists what it offe
     class_token  True | False: a learned class token at position 0                      constructor
     positions    "learned" | "none": the learned table, or no positions (the patch-permutation
                  property needs "none"; a ViT without an off switch offers "learned" only and skips it)
+    qkv_bias     True | False: the attention's q, k, v projections carry biases (timm's qkv_bias=True,
+                 the default), or not (vit-pytorch's to_qkv has bias=False); the output projection, the
+                 feed-forward and the norms keep theirs either way                        constructor
     activation   "gelu": a convention, never passed; a ViT with ReLU built in declares "relu"
     eps          1e-6: a convention, never passed; a ViT with another eps declares it (HF ViT: 1e-12)
 PatchEmbedding has no options. The first value is the spec's default.
@@ -80,7 +83,8 @@ Canonical parameters (timm's names and layouts, so that a timm/HF checkpoint map
         patch_embed.proj.weight, patch_embed.proj.bias     (PatchEmbedding's, prefixed)
         cls_token (1, 1, d) "embedding"                    only when class_token
         pos_embed (1, s, d) "embedding"                    only when positions="learned"; s = gh·gw (+ 1)
-        layers.{i}.*  EncoderLayer's (spec.layers.encoder_layer_parameters), i = 0 .. n_layer - 1
+        layers.{i}.*  EncoderLayer's (spec.layers.encoder_layer_parameters), i = 0 .. n_layer - 1; with
+                      qkv_bias=False without self_attn.q.bias, self_attn.k.bias, self_attn.v.bias
         final_norm.weight (d,) final_norm.bias (d,)        head.weight (c, d) head.bias (c,)
 
 Properties (properties/test_vision_transformer.py)
@@ -120,7 +124,7 @@ def patch_embedding_parameters(*, patch_size, channels, d_model, **_) -> dict[st
 
 def vision_transformer_parameters(
     *, image_size, patch_size, channels, d_model, n_head, n_layer, d_ff, n_classes, class_token=True,
-    positions="learned", **_,
+    positions="learned", qkv_bias=True, **_,
 ) -> dict[str, Param]:
     params = _prefixed("patch_embed", patch_embedding_parameters(patch_size=patch_size, channels=channels,
                                                                  d_model=d_model))
@@ -130,7 +134,11 @@ def vision_transformer_parameters(
         params["pos_embed"] = Param((1, (image_size // patch_size) ** 2 + int(class_token), d_model), "embedding")
     for i in range(n_layer):
         # The activation is gelu or relu (a convention): both have the same parameters.
-        params |= _prefixed(f"layers.{i}", encoder_layer_parameters(d_model=d_model, n_head=n_head, d_ff=d_ff))
+        layer = encoder_layer_parameters(d_model=d_model, n_head=n_head, d_ff=d_ff)
+        if not qkv_bias:
+            layer = {name: param for name, param in layer.items()
+                     if name not in ("self_attn.q.bias", "self_attn.k.bias", "self_attn.v.bias")}
+        params |= _prefixed(f"layers.{i}", layer)
     params |= _prefixed("final_norm", norm_parameters(d_model=d_model, norm="layer"))
     return params | {"head.weight": Param((n_classes, d_model)), "head.bias": Param((n_classes,), "bias")}
 
@@ -149,6 +157,8 @@ VISION_TRANSFORMER = component(Component(
         boolean("class_token", "a learned class token at position 0 (False: patch tokens only, pool='mean')",
                 kind="init"),
         Option("positions", POSITIONS, "init", "learned positions added after prepending the class token, or none"),
+        boolean("qkv_bias", "the attention's q, k, v projections carry biases (timm); False: vit-pytorch's "
+                "bias-free to_qkv (the output projection, feed-forward and norms keep theirs)", kind="init"),
         Option("activation", ("gelu", "relu"), "convention", "the encoder layers' feed-forward activation"),
         Option("eps", (EPS,), "convention", "the eps of every LayerNorm (a ViT with another built in declares it)",
                accepts=lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),

@@ -115,3 +115,11 @@ class VisionTransformer_NoPositions(VisionTransformer):
         if self.cls_token is None:
             return x
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+
+
+@mutant(name="VisionTransformer_qkv_bias_ignored",
+        bug="qkv_bias=False is accepted, but q, k and v keep biases (an nn.Linear left at its default bias=True)",
+        provides="VisionTransformer", caught_by=[VIT_AGREEMENT])
+class VisionTransformer_QkvBiasIgnored(VisionTransformer):
+    def __init__(self, *, qkv_bias: bool = True, **kwargs):
+        super().__init__(qkv_bias=True, **kwargs)
