@@ -17,10 +17,15 @@ Tolerance rules (the only ones the suite uses)
       max|actual - expected| <= RATIO * max|baseline - expected| + FLOOR_ULPS * eps(dtype) * scale,
   scale = max(1, max|expected|). RATIO = 2 as flash-attention uses for forward passes; the floor of a few
   units in the last place keeps a lucky, nearly exact baseline from failing a correct implementation.
+* counts of a random component (a sampler) over seeded draws: every count within Bernstein's deviation
+  of trials * probability at a stated false-alarm rate, split over the cells by a union bound
+  (``assert_frequencies_follow``); rigorous for every count, no normal approximation, and deterministic
+  in CI because the seeds are.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -155,3 +160,36 @@ def assert_true(condition: bool, *, claim: str, detail: str, hint: str | None = 
 # Every dtype an agreement property runs in: float64 (tight), float32 (every device), and the half
 # precisions (CUDA only; conftest skips them on the CPU), the last three judged by the error-ratio rule.
 PRECISIONS = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+# The statistical rule: for a random component (a sampler), counts over seeded draws against the probabilities
+# the spec derives, with a stated false-alarm rate (derandomized seeds keep CI deterministic).
+
+
+def bernstein_deviation(trials: int, probability: float, false_alarm: float) -> float:
+    """t such that a Binomial(trials, probability) count strays from its mean by t or more with probability at
+    most ``false_alarm``. Bernstein's inequality for a sum of variables in [0, 1] with variance sigma^2:
+    P(|X - mu| >= t) <= 2 exp(-t^2 / (2 sigma^2 + 2t/3)); solving for equality with L = ln(2 / false_alarm):
+    t = L/3 + sqrt(L^2/9 + 2 L sigma^2). Rigorous for every trials and probability (no normal approximation)."""
+    log_term = math.log(2.0 / false_alarm)
+    variance = trials * probability * (1.0 - probability)
+    return log_term / 3.0 + math.sqrt(log_term**2 / 9.0 + 2.0 * log_term * variance)
+
+
+def assert_frequencies_follow(counts: np.ndarray, probabilities: np.ndarray, trials: int, *, claim: str, what: str,
+                              hint: str, false_alarm: float) -> None:
+    """Every count lies within Bernstein's deviation of trials * probability (bernstein_deviation), with
+    the false-alarm budget split evenly over the cells (a union bound). ``what`` names a cell: a format string
+    that receives the cell's index."""
+    __tracebackhide__ = True
+    worst = None
+    for index in np.ndindex(counts.shape):
+        prob = float(probabilities[index])
+        allowed = bernstein_deviation(trials, prob, false_alarm)
+        gap = abs(float(counts[index]) - trials * prob)
+        if gap > allowed and (worst is None or gap / allowed > worst[0]):
+            worst = (gap / allowed, index, int(counts[index]), trials * prob, allowed)
+    if worst is not None:
+        _, index, count, expected, allowed = worst
+        fail(claim, f"{what.format(*index)}: {count} of {trials}, expected {expected:.1f} +- {allowed:.1f} (Bernstein bound "
+                    f"at false-alarm rate {false_alarm:.2g} per cell)", hint)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 import implementations
 from implementations.speculative_decoding import ForwardCounter
-from properties.assertions import assert_close, assert_equal, assert_true, fail
+from properties.assertions import assert_close, assert_equal, assert_frequencies_follow, assert_true, fail
 from properties.options import Offers, draws_options
 from properties.plugin import COMPONENTS, ComponentFailure, Implementation, invoke
 from properties.strategies import seeds
@@ -151,25 +151,6 @@ def check_layout(out: Tensor, drafts: Tensor, case: KernelCase) -> None:
         hint="tokens[i, :a] = draft_tokens[i, :a], tokens[i, a] = the residual sample (or the bonus token when "
              "a = kd), tokens[i, a + 1:] = -1.",
     )
-
-
-def assert_frequencies_follow(counts: np.ndarray, probabilities: np.ndarray, trials: int, *, claim: str, what: str,
-                              hint: str, false_alarm: float) -> None:
-    """Every count lies within Bernstein's deviation of trials * probability (spec.bernstein_deviation), with
-    the false-alarm budget split evenly over the cells (a union bound). ``what`` names a cell: a format string
-    that receives the cell's index."""
-    __tracebackhide__ = True
-    worst = None
-    for index in np.ndindex(counts.shape):
-        prob = float(probabilities[index])
-        allowed = spec.bernstein_deviation(trials, prob, false_alarm)
-        gap = abs(float(counts[index]) - trials * prob)
-        if gap > allowed and (worst is None or gap / allowed > worst[0]):
-            worst = (gap / allowed, index, int(counts[index]), trials * prob, allowed)
-    if worst is not None:
-        _, index, count, expected, allowed = worst
-        fail(claim, f"{what.format(*index)}: {count} of {trials}, expected {expected:.1f} +- {allowed:.1f} (Bernstein bound "
-                    f"at false-alarm rate {false_alarm:.2g} per cell)", hint)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -146,11 +146,3 @@ def target_forwards_when_all_accepted(max_new_tokens: int, k: int) -> int:
     return math.ceil(max_new_tokens / (k + 1))
 
 
-def bernstein_deviation(trials: int, probability: float, false_alarm: float) -> float:
-    """t such that a Binomial(trials, probability) count strays from its mean by t or more with probability at
-    most ``false_alarm``. Bernstein's inequality for a sum of variables in [0, 1] with variance sigma^2:
-    P(|X - mu| >= t) <= 2 exp(-t^2 / (2 sigma^2 + 2t/3)); solving for equality with L = ln(2 / false_alarm):
-    t = L/3 + sqrt(L^2/9 + 2 L sigma^2). Rigorous for every trials and probability (no normal approximation)."""
-    log_term = math.log(2.0 / false_alarm)
-    variance = trials * probability * (1.0 - probability)
-    return log_term / 3.0 + math.sqrt(log_term**2 / 9.0 + 2.0 * log_term * variance)
