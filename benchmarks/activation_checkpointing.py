@@ -10,7 +10,7 @@ weights and seed: plain; each layer wrapped by our ``checkpointed``; each layer 
 ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``. Per way:
     memory  what is kept between forward and backward: the bytes of the tensors the forward created that are
             still alive when it returns (the graph's saved activations, the checkpoints' inputs, the output;
-            followed through every torch call: properties/test_tiled_attention.py's CreatedTensors), and
+            followed through every torch call: properties/probes.py's CreatedTensors), and
             the bytes autograd's saved-tensor hook sees (what a checkpoint hides from it is not counted);
             on CUDA, torch.cuda.memory_allocated after the forward, and the peak of forward + backward.
     time    the median forward + backward time, relative to the plain stack (on CUDA also in ms); the ways
@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from implementations.activation_checkpointing import checkpointed  # noqa: E402
 from implementations.layers import DecoderLayer  # noqa: E402
-from properties.test_activation_checkpointing import saved_for_backward  # noqa: E402
-from properties.test_tiled_attention import CreatedTensors  # noqa: E402
+from properties.probes import CreatedTensors, saved_for_backward  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 LAYER = dict(d_model=256, n_head=8, d_ff=1024, cross_attention=False, norm_first=True, dropout=0.1)

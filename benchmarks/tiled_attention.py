@@ -10,7 +10,7 @@ For each length s (= t, causal, b 1, h 8, e 64, float32, one CPU thread by defau
             SDPA: the (s, t) scores, then softmax) against tiled (ours, block_size 128), forward under
             no_grad; and the bytes autograd saves for backward (inputs excluded) when gradients are needed.
             On the CPU the peak is followed through every torch call of the Python code (a TorchFunctionMode
-            and the created storages' lifetimes: properties/test_tiled_attention.py's CreatedTensors), so it
+            and the created storages' lifetimes: properties/probes.py's CreatedTensors), so it
             cannot see inside F.scaled_dot_product_attention's fused kernel, which is left out there; on CUDA
             torch.cuda.max_memory_allocated measures all three.
     time    the median forward (and forward + backward) time of tiled and naive relative to
@@ -34,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from implementations.sdpa import scaled_dot_product_attention as naive_attention  # noqa: E402
 from implementations.tiled_attention import tiled_attention  # noqa: E402
-from properties.test_activation_checkpointing import saved_for_backward  # noqa: E402
+from properties.probes import CreatedTensors, saved_for_backward  # noqa: E402
 from activation_checkpointing import interleaved_medians  # noqa: E402  (benchmarks/, the ways take turns)
-from properties.test_tiled_attention import CreatedTensors  # noqa: E402
 
 SHAPE = dict(b=1, h=8, e=64)
 

@@ -1,13 +1,16 @@
-"""Probes shared by the properties: Jacobian blocks, gradchecks, the torch reference backend."""
+"""Probes shared by the properties: Jacobian blocks, gradchecks, the torch reference backend, and memory
+(the tensors a call creates, the bytes autograd saves for backward)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+import weakref
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 from torch.autograd.gradcheck import GradcheckError
+from torch.overrides import TorchFunctionMode
 
 import pytest
 
@@ -115,3 +118,111 @@ def assert_parameters_get_finite_gradients(
             problems.append(f"{name}: zero gradient")
     if problems:
         fail(claim, "; ".join(problems), hint)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory: what a call creates and what autograd saves for backward
+
+
+def saved_for_backward(run: Callable[[], Any], *, exclude: Iterable[Tensor] = ()) -> tuple[Any, dict[int, int]]:
+    """``run()`` under a saved-tensors hook: (its result, {storage address: bytes}) for every tensor autograd
+    saves for backward whose storage is not one of ``exclude``'s (parameters, inputs). A storage counts
+    once and whole: a saved view keeps all of its base alive."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return run(), saved
+
+
+def _tensors(value: Any):
+    """The tensors in an operation's arguments or results (tensors, tuples and lists of them, dicts)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+class CreatedTensors(TorchFunctionMode):
+    """Watches every torch function called: the largest tensor one creates (a result that is neither a view
+    nor an in-place result of an argument: its storage is new) and, with ``live=True``, the bytes of created
+    tensors alive at once (their storages' lifetimes, by weakref) and their peak. Python-level calls only:
+    a torch.autograd.Function's backward is seen (``watching_backward``), autograd's C++ formulas are not.
+    A TorchFunctionMode, not a TorchDispatchMode: entering the latter imports torch._dynamo (seconds of CPU).
+    """
+
+    def __init__(self, *, live: bool = False) -> None:
+        super().__init__()
+        self.largest: tuple[int, tuple[int, ...], str] = (0, (), "")
+        self.live = self.peak = 0
+        self._track = live
+        self._alive: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {0} | {a.untyped_storage().data_ptr() for a in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            if t.untyped_storage().data_ptr() in inputs:
+                continue
+            if t.numel() > self.largest[0]:
+                self.largest = (t.numel(), tuple(t.shape), getattr(func, "__name__", str(func)))
+            if self._track:
+                self._count(t.untyped_storage())
+        return out
+
+    def _count(self, storage) -> None:
+        key = storage.data_ptr()
+        if key in self._alive:
+            return
+        self._alive.add(key)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+
+        def freed(key=key, size=storage.nbytes()) -> None:
+            self._alive.discard(key)
+            self.live -= size
+
+        weakref.finalize(storage, freed)
+
+    @contextlib.contextmanager
+    def watching_backward(self, out: Tensor) -> Iterator[CreatedTensors]:
+        """Also watch the backward pass of ``out``'s graph: the autograd engine runs each node with no mode
+        active, so every node's pre-hook enters this mode and its post-hook leaves it."""
+        handles = []
+        for node in _graph_nodes(out.grad_fn):
+            handles.append(node.register_prehook(self._enter_node))
+            handles.append(node.register_hook(self._leave_node))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _enter_node(self, grad_outputs) -> None:
+        self.__enter__()
+
+    def _leave_node(self, grad_inputs, grad_outputs) -> None:
+        self.__exit__(None, None, None)
+
+
+def _graph_nodes(root) -> Iterator[Any]:
+    """Every autograd node reachable from ``root`` (a grad_fn), once each."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(next_node for next_node, _ in node.next_functions)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +22,7 @@ import implementations
 from properties.assertions import assert_equal, assert_true, fail
 from properties.options import Offers, draws_options
 from properties.plugin import ComponentFailure, Implementation, where_raised
+from properties.probes import saved_for_backward
 from properties.strategies import fewer_examples, padding_masks, tensor
 from properties.test_layers import LAYERS, LayerCase, layer_cases
 
@@ -29,23 +30,6 @@ CHECKPOINTED = "checkpointed"
 pytestmark = pytest.mark.requires(CHECKPOINTED)
 OURS = Implementation("ours", implementations)
 AXES = "b s d"
-
-
-def saved_for_backward(run: Callable[[], Any], *, exclude: Iterable[Tensor] = ()) -> tuple[Any, dict[int, int]]:
-    """``run()`` under a saved-tensors hook: (its result, {storage address: bytes}) for every tensor autograd
-    saves for backward whose storage is not one of ``exclude``'s (parameters, inputs). A storage counts
-    once and whole: a saved view keeps all of its base alive."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    saved: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        return run(), saved
 
 
 @dataclass(frozen=True)

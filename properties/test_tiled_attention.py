@@ -9,10 +9,8 @@ suite's one-tensor wrapper, with the same checks.
 
 from __future__ import annotations
 
-import contextlib
-import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +19,6 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 import implementations
 from properties import precision
@@ -30,9 +27,8 @@ from properties.call_probes import modified_inputs, snapshot
 from properties.options import Offers, draws_options
 from properties.plugin import (ComponentFailure, Implementation, backward, call_arguments, describe_arguments,
                                where_raised)
-from properties.probes import math_backend
+from properties.probes import CreatedTensors, math_backend, saved_for_backward
 from properties.strategies import as_mask, attention_configs, boolean_masks, fewer_examples, seeds, tensor
-from properties.test_activation_checkpointing import saved_for_backward
 from properties.test_sdpa import SdpaCall, sdpa_calls
 from spec import sdpa as spec_sdpa
 from spec.tiled_attention import log_sum_exp
@@ -298,93 +294,6 @@ def test_tiled_attention_fully_masked_rows_are_zero(impl, device, data):
 
 # ---------------------------------------------------------------------------------------------------
 # Memory: the (s, t) score matrix is never created
-
-
-def _tensors(value: Any):
-    """The tensors in an operation's arguments or results (tensors, tuples and lists of them, dicts)."""
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-
-
-class CreatedTensors(TorchFunctionMode):
-    """Watches every torch function called: the largest tensor one creates (a result that is neither a view
-    nor an in-place result of an argument: its storage is new) and, with ``live=True``, the bytes of created
-    tensors alive at once (their storages' lifetimes, by weakref) and their peak. Python-level calls only:
-    a torch.autograd.Function's backward is seen (``watching_backward``), autograd's C++ formulas are not.
-    A TorchFunctionMode, not a TorchDispatchMode: entering the latter imports torch._dynamo (seconds of CPU).
-    """
-
-    def __init__(self, *, live: bool = False) -> None:
-        super().__init__()
-        self.largest: tuple[int, tuple[int, ...], str] = (0, (), "")
-        self.live = self.peak = 0
-        self._track = live
-        self._alive: set[int] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = {0} | {a.untyped_storage().data_ptr() for a in _tensors((args, kwargs))}
-        for t in _tensors(out):
-            if t.untyped_storage().data_ptr() in inputs:
-                continue
-            if t.numel() > self.largest[0]:
-                self.largest = (t.numel(), tuple(t.shape), getattr(func, "__name__", str(func)))
-            if self._track:
-                self._count(t.untyped_storage())
-        return out
-
-    def _count(self, storage) -> None:
-        key = storage.data_ptr()
-        if key in self._alive:
-            return
-        self._alive.add(key)
-        self.live += storage.nbytes()
-        self.peak = max(self.peak, self.live)
-
-        def freed(key=key, size=storage.nbytes()) -> None:
-            self._alive.discard(key)
-            self.live -= size
-
-        weakref.finalize(storage, freed)
-
-    @contextlib.contextmanager
-    def watching_backward(self, out: Tensor) -> Iterator[CreatedTensors]:
-        """Also watch the backward pass of ``out``'s graph: the autograd engine runs each node with no mode
-        active, so every node's pre-hook enters this mode and its post-hook leaves it."""
-        handles = []
-        for node in _graph_nodes(out.grad_fn):
-            handles.append(node.register_prehook(self._enter_node))
-            handles.append(node.register_hook(self._leave_node))
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _enter_node(self, grad_outputs) -> None:
-        self.__enter__()
-
-    def _leave_node(self, grad_inputs, grad_outputs) -> None:
-        self.__exit__(None, None, None)
-
-
-def _graph_nodes(root) -> Iterator[Any]:
-    """Every autograd node reachable from ``root`` (a grad_fn), once each."""
-    seen, stack = set(), [root]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        yield node
-        stack.extend(next_node for next_node, _ in node.next_functions)
 
 
 @pytest.mark.needs(block_size=True)
