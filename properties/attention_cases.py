@@ -122,7 +122,7 @@ class AttentionCase:
         return module(x, causal=causal, **kwargs)
 
     def reference(self, module: CheckedModule, x, context=None, *, mask=None, causal=False) -> np.ndarray:
-        params = {k: v.detach().double().cpu().numpy() for k, v in module.canonical_state().items()}
+        params = module.canonical_numpy()
         return reference_attention(
             params,
             x.detach().double().cpu().numpy(),

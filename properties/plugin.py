@@ -30,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -324,6 +325,10 @@ class CheckedModule:
                     f"but the spec says {param.shape}"
                 )
         return state
+
+    def canonical_numpy(self) -> dict[str, np.ndarray]:
+        """The canonical parameters as float64 numpy arrays on the CPU: what the spec's references take."""
+        return {name: value.detach().double().cpu().numpy() for name, value in self.canonical_state().items()}
 
     def parameter_gradients(self) -> dict[str, Tensor | None]:
         """The gradient of every canonical parameter after a backward pass, read through the module's

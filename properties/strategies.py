@@ -130,8 +130,15 @@ def padding_masks(draw, b: int, t: int) -> np.ndarray:
     return (np.arange(t)[None, :] < np.asarray(lengths)[:, None]).view(Mask)
 
 
-def as_mask(mask: np.ndarray, device: str | torch.device) -> Tensor:
-    return torch.as_tensor(mask, dtype=torch.bool, device=device)
+def optional_padding(offers, b: int, n: int, option: str = "mask") -> st.SearchStrategy[np.ndarray | None]:
+    """No mask, or a right-padding mask (b, n) (True = real token, padding_masks) where the component under
+    test takes ``option`` (mask, src_mask, tgt_mask, memory_mask: an "input" option of its offers)."""
+    return offers.strategy(option).flatmap(lambda given: padding_masks(b, n) if given else st.none())
+
+
+def as_mask(mask: np.ndarray | None, device: str | torch.device) -> Tensor | None:
+    """A drawn numpy mask as a bool tensor on ``device``; None stays None (no mask given)."""
+    return None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.bool, device=device)
 
 
 @st.composite

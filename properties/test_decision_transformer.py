@@ -331,7 +331,7 @@ def run(model: CheckedModule, case: DtCase, steps: Steps, mask: Tensor | None = 
 
 
 def reference(model: CheckedModule, case: DtCase, steps: Steps, mask: Tensor | None = None) -> np.ndarray:
-    params = {name: numpy(value) for name, value in model.canonical_state().items()}
+    params = model.canonical_numpy()
     return spec.decision_transformer(
         params, *(numpy(t) if t.is_floating_point() else t.cpu().numpy() for t in steps.args), n_head=case.h,
         n_layer=case.n_layer, action_space=case.action_space, action_tanh=case.action_tanh,

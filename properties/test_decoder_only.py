@@ -16,7 +16,7 @@ from properties.assertions import assert_close, assert_equal, assert_true
 from properties.options import Offers, draws_options
 from properties.plugin import CheckedModule, ComponentFailure, Implementation, backward
 from properties.probes import gradcheck
-from properties.strategies import chunkings, padding_masks, seeds
+from properties.strategies import chunkings, optional_padding, padding_masks, seeds
 from spec.decoder_only import decoder_only_lm, greedy_continuation
 from spec.kv_cache import cache_storage_shape, split_points
 
@@ -121,10 +121,9 @@ def lm_configs(draw, offers: Offers, *, heads: str | None = None, positions: str
     )
 
 
-@draws_options(LM, kwargs={"b": 2, "s": 3}, mask=lambda keep: keep is not None)
-def optional_padding(offers: Offers, b: int, s: int) -> st.SearchStrategy[np.ndarray | None]:
-    """No mask, or a right-padding mask (b, s) (True = real token) where the model takes ``mask``."""
-    return offers.strategy("mask").flatmap(lambda given: padding_masks(b, s) if given else st.none())
+# The shared strategy properties/strategies.optional_padding draws this family's padding-mask options;
+# registered here so that the option meta test checks it per component.
+draws_options(LM, kwargs={"b": 2, "n": 3}, mask=lambda keep: keep is not None)(optional_padding)
 
 
 def configs(impl: Implementation, **kwargs) -> st.SearchStrategy[LMConfig]:
@@ -138,7 +137,7 @@ def cache_choices(impl: Implementation) -> list[dict]:
 
 
 def reference(model: CheckedModule, cfg: LMConfig, tokens: Tensor, mask: Tensor | None = None) -> np.ndarray:
-    params = {k: v.detach().double().cpu().numpy() for k, v in model.canonical_state().items()}
+    params = model.canonical_numpy()
     return decoder_only_lm(params, tokens.cpu().numpy(), n_head=cfg.h, n_layer=cfg.n_layer, max_len=cfg.max_len,
                            n_kv_head=cfg.g, positions=cfg.positions, norm=cfg.norm, activation=cfg.activation,
                            tie_weights=cfg.tie, mask=None if mask is None else mask.cpu().numpy(), eps=cfg.eps,

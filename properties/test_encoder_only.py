@@ -17,7 +17,7 @@ from properties.probes import assert_parameters_get_finite_gradients
 from properties.attention_cases import OURS
 from properties.options import Offers, draws_options
 from properties.plugin import COMPONENTS, CheckedModule, Implementation, backward
-from properties.strategies import Mask, padding_masks, seeds, tensor
+from properties.strategies import Mask, optional_padding, padding_masks, seeds, tensor
 from spec.encoder_only import encoder_only_model
 
 pytestmark = pytest.mark.requires("EncoderOnlyModel")
@@ -63,7 +63,7 @@ class EncoderOnlyCase:
                           activation=self.activation, eps=self.eps)
 
     def reference(self, model: CheckedModule, tokens: Tensor, keep=None) -> np.ndarray:
-        return encoder_only_model(numpy_params(model), tokens.cpu().numpy(), n_head=self.h, n_layer=self.layers,
+        return encoder_only_model(model.canonical_numpy(), tokens.cpu().numpy(), n_head=self.h, n_layer=self.layers,
                                   norm_first=self.norm_first, mask=keep, activation=self.activation, eps=self.eps)
 
     def tokens(self, salt: int = 0, *, b: int | None = None, s: int | None = None, device="cpu") -> Tensor:
@@ -99,10 +99,9 @@ def encoder_only_cases(draw, offers: Offers, *, min_s: int = 1, min_b: int = 1, 
     )
 
 
-@draws_options(MODEL, kwargs={"b": 2, "s": 3}, mask=lambda keep: keep is not None)
-def optional_padding(offers: Offers, b: int, s: int) -> st.SearchStrategy[np.ndarray | None]:
-    """No mask, or a right-padding mask (b, s) (True = real token) where the model takes ``mask``."""
-    return offers.strategy("mask").flatmap(lambda given: padding_masks(b, s) if given else st.none())
+# The shared strategy properties/strategies.optional_padding draws this family's padding-mask options;
+# registered here so that the option meta test checks it per component.
+draws_options(MODEL, kwargs={"b": 2, "n": 3}, mask=lambda keep: keep is not None)(optional_padding)
 
 
 def cases(impl: Implementation, **kwargs) -> st.SearchStrategy[EncoderOnlyCase]:
@@ -127,10 +126,6 @@ def task_loss(impl: Implementation, name: str):
     if name in COMPONENTS and impl.provides(name):
         return impl.function(name)
     return {"classification_loss": F.cross_entropy, "regression_loss": F.mse_loss}[name]
-
-
-def numpy_params(model: CheckedModule) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().double().numpy() for k, v in model.canonical_state().items()}
 
 
 @pytest.mark.parametrize("dtype", PRECISIONS)

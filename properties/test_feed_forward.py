@@ -42,7 +42,7 @@ def build(impl, component, d, config, seed, *, device="cpu", dtype=torch.float64
 
 
 def reference(component, module, x, config):
-    params = {name: value.detach().double().cpu().numpy() for name, value in module.canonical_state().items()}
+    params = module.canonical_numpy()
     x = x.detach().double().cpu().numpy()
     if component == "FeedForward":
         return spec.feed_forward(params, x, activation=config["activation"])

@@ -26,7 +26,7 @@ import implementations
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
 from properties.options import Offers, draws_options, narrowed
 from properties.plugin import CheckedModule, ComponentFailure, Implementation, backward, describe_call, draw_parameters
-from properties.strategies import Mask, chunkings, padding_masks, seeds, tensor
+from properties.strategies import Mask, chunkings, optional_padding, padding_masks, seeds, tensor
 from spec import COMPONENTS
 from spec.kv_cache import split_points
 from spec.layers import decoder_layer, encoder_layer
@@ -126,7 +126,7 @@ class LayerCase:
         return module(x, **kwargs)
 
     def reference(self, module: CheckedModule, x, memory=None, *, keep=None, memory_keep=None) -> np.ndarray:
-        params = {k: v.detach().double().cpu().numpy() for k, v in module.canonical_state().items()}
+        params = module.canonical_numpy()
         as_np = lambda a: None if a is None else a.detach().double().cpu().numpy()
         key_mask = lambda k: None if k is None else np.asarray(k)[:, None, None, :]
         if not self.decoder:
@@ -242,14 +242,12 @@ def cases(impl: Implementation, component: str, **kwargs) -> st.SearchStrategy[L
     return layer_cases(offers, rope=impl.offers("RotaryEmbedding"), **kwargs)
 
 
-@draws_options("EncoderLayer", kwargs={"b": 2, "n": 3}, mask=lambda keep: keep is not None)
-@draws_options("DecoderLayer", kwargs={"b": 2, "n": 3}, mask=lambda keep: keep is not None)
-@draws_options("DecoderLayer", kwargs={"b": 2, "n": 3, "option": "memory_mask"},
-               memory_mask=lambda keep: keep is not None)
-def optional_padding(offers: Offers, b: int, n: int, option: str = "mask") -> st.SearchStrategy[np.ndarray | None]:
-    """No mask, or a key padding mask (b, n) with real tokens first (True = real), where the layer takes
-    ``option`` (mask, memory_mask); None where it does not."""
-    return offers.strategy(option).flatmap(lambda given: padding_masks(b, n) if given else st.none())
+# The shared strategy properties/strategies.optional_padding draws this family's padding-mask options;
+# registered here so that the option meta test checks it per component.
+draws_options("EncoderLayer", kwargs={"b": 2, "n": 3}, mask=lambda keep: keep is not None)(optional_padding)
+draws_options("DecoderLayer", kwargs={"b": 2, "n": 3}, mask=lambda keep: keep is not None)(optional_padding)
+draws_options("DecoderLayer", kwargs={"b": 2, "n": 3, "option": "memory_mask"},
+              memory_mask=lambda keep: keep is not None)(optional_padding)
 
 
 def at_real_positions(out: Tensor, keep: np.ndarray, n: int) -> Tensor:

@@ -134,10 +134,6 @@ def numpy(t: Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
-def canonical_numpy(module: CheckedModule) -> dict[str, np.ndarray]:
-    return {name: numpy(value) for name, value in module.canonical_state().items()}
-
-
 def canonical_copy(module: CheckedModule) -> dict[str, Tensor]:
     return {name: value.detach().double().cpu().clone() for name, value in module.canonical_state().items()}
 
@@ -272,7 +268,7 @@ def test_router_agrees_with_reference(impl, device, dtype, data):
                 hint="return the dense gates: every expert's weight, 0 for the experts not chosen.")
     logits = reference_logits(router, x, "weight")
     if logits is None:
-        logits = spec.linear(numpy(x), canonical_numpy(router)["weight"])
+        logits = spec.linear(numpy(x), router.canonical_numpy()["weight"])
     expected, _ = spec.route(logits, top_k=case.k, normalize_top_k=case.normalize_top_k)
     assert_close(
         gates, expected, baseline=case.build(OURS, ROUTER, device, dtype).module(x), axes="b s m",
@@ -322,7 +318,7 @@ def test_renormalized_router_orders_are_one_map(impl, data):
     case = data.draw(moe_cases(impl.offers(ROUTER), top_k="at_least_2", normalize=lambda v: v), label="case")
     router = case.build(impl, ROUTER)
     x = case.inputs()
-    z = spec.linear(numpy(x), canonical_numpy(router)["weight"])
+    z = spec.linear(numpy(x), router.canonical_numpy()["weight"])
     renormalized, choice = spec.route(z, top_k=case.k, normalize_top_k=True)
     selected_softmax = np.zeros_like(z)
     np.put_along_axis(selected_softmax, choice, spec.softmax(np.take_along_axis(z, choice, axis=-1)), axis=-1)
@@ -357,7 +353,7 @@ def test_moe_agrees_with_dense_reference(impl, device, dtype, data):
     case = data.draw(moe_cases(impl.offers(MOE)), label="case")
     module = case.build(impl, MOE, device, dtype)
     x = case.inputs(device, dtype)
-    expected = case.reference(canonical_numpy(module), x, reference_logits(module, x, "router.weight"))
+    expected = case.reference(module.canonical_numpy(), x, reference_logits(module, x, "router.weight"))
     assert_close(
         module(x), expected, baseline=case.build(OURS, MOE, device, dtype).module(x), axes=AXES,
         claim=f"MixtureOfExperts agrees with the dense reference ({case}, {dtype})",
@@ -419,7 +415,7 @@ def test_moe_with_every_expert_selected_is_the_dense_softmax_mixture(impl, devic
     """
     case = data.draw(moe_cases(impl.offers(MOE), top_k="all", capacity=no_drop_with_every_expert), label="case")
     module = case.build(impl, MOE, device)
-    params = canonical_numpy(module)
+    params = module.canonical_numpy()
     x = case.inputs(device)
     probs = spec.softmax(spec.linear(numpy(x), params["router.weight"]))  # (b, s, m)
     expected = sum(probs[..., i, None] * _one_ffn(params, f"experts.{i}", x, case.expert) for i in range(case.m))
@@ -674,7 +670,7 @@ def test_only_the_selected_experts_get_gradients(impl, data):
     case = data.draw(moe_cases(impl.offers(MOE), min_m=2, min_f=16, max_f=18), label="case")
     module = case.build(impl)
     x = case.inputs()
-    _, kept = spec.dispatch(spec.linear(numpy(x), canonical_numpy(module)["router.weight"]), top_k=case.k,
+    _, kept = spec.dispatch(spec.linear(numpy(x), module.canonical_numpy()["router.weight"]), top_k=case.k,
                             normalize_top_k=case.normalize_top_k, capacity_factor=case.capacity_factor)
     used = kept.any(axis=(0, 1))
     probe = tensor(case.seed + 3, case.b, case.s, case.d, dtype=torch.float64, device="cpu")

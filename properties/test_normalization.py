@@ -98,13 +98,9 @@ def baseline(case: NormCase, module, x: torch.Tensor) -> torch.Tensor:
     return case.build(OURS, device=x.device, dtype=x.dtype, params=params).module(x)
 
 
-def numpy_params(module) -> dict[str, np.ndarray]:
-    return {name: value.detach().double().cpu().numpy() for name, value in module.canonical_state().items()}
-
-
 def reference(case: NormCase, module, x) -> np.ndarray:
     fn = spec.layer_norm if case.component == "LayerNorm" else spec.rms_norm
-    return fn(numpy_params(module), x.detach().double().cpu().numpy(), eps=case.eps)
+    return fn(module.canonical_numpy(), x.detach().double().cpu().numpy(), eps=case.eps)
 
 
 def row_statistics(component, x: np.ndarray):

@@ -66,7 +66,7 @@ class WindowCase:
                          dtype=dtype, device=device)
 
     def reference(self, module: CheckedModule, x: Tensor):
-        params = {k: v.detach().double().cpu().numpy() for k, v in module.canonical_state().items()}
+        params = module.canonical_numpy()
         rotary = None if self.rope is None else functools.partial(rotary_embedding, base=self.rope[0],
                                                                    pairing=self.rope[1])
         return spec.sliding_window_attention(params, x.detach().double().cpu().numpy(), n_head=self.h,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true
 from properties.options import Offers, draws_options
 from properties.plugin import Implementation
-from properties.strategies import Mask, seeds, tensor
+from properties.strategies import Mask, as_mask, seeds, tensor
 import implementations
 from spec import tasks as reference
 
@@ -40,10 +40,6 @@ def right_padding(b: int, s: int, min_real: int = 2) -> st.SearchStrategy[np.nda
 
 def tokens_for(seed: int, b: int, s: int, n: int, device) -> torch.Tensor:
     return torch.randint(n, (b, s), generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def as_mask(mask, device):
-    return None if mask is None else torch.as_tensor(mask, device=device)
 
 
 @pytest.mark.requires("next_token_loss")

@@ -19,7 +19,6 @@ from properties.options import Offers, draws_options
 from properties.plugin import CheckedModule, Implementation, backward, constructor_arguments, constructor_defaults
 from properties.probes import expect_value_error, jacobian
 from properties.strategies import fewer_examples, seeds, tensor
-from properties.test_encoder_only import numpy_params
 from properties.training import train
 from spec.vision_transformer import patch_embedding, vision_transformer
 
@@ -91,7 +90,7 @@ def test_patch_embedding_agrees_with_reference(impl, device, dtype, case):
     images = case.images(device, dtype)
     out = module(images)
     baseline = None if dtype == torch.float64 else case.build(OURS, device, dtype)(images)
-    assert_close(out, patch_embedding(numpy_params(module), images.cpu().double().numpy()), baseline=baseline,
+    assert_close(out, patch_embedding(module.canonical_numpy(), images.cpu().double().numpy()), baseline=baseline,
                  axes=AXES, claim=f"{case} agrees with the spec's reference ({dtype})",
                  hint="stride = kernel = patch_size; flatten the grid row-major (b d gh gw -> b (gh gw) d); "
                  "a Linear over patches must read pixels in the weight's (ch, p1, p2) order.")
@@ -229,7 +228,7 @@ class VitCase:
         return tensor(self.seed + 1, b or self.b, self.ch, side, side, dtype=dtype, device=device)
 
     def reference(self, model: CheckedModule, images: Tensor) -> np.ndarray:
-        return vision_transformer(numpy_params(model), images.cpu().double().numpy(), n_head=self.h,
+        return vision_transformer(model.canonical_numpy(), images.cpu().double().numpy(), n_head=self.h,
                                   n_layer=self.layers, pool=self.pool, class_token=self.class_token,
                                   positions=self.positions, activation=self.activation, eps=self.eps)
 
