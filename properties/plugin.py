@@ -500,6 +500,26 @@ def invoke(entry: Component, fn: Callable, label: str, call: str, args: tuple, k
     raise ComponentFailure(exit_message)
 
 
+def guarded_call(entry: Component, fn: Callable, label: str, call: str, args: tuple, kwargs: dict[str, Any], *,
+                 offers: Offers | None = None) -> Any:
+    """The call of a component that returns something other than one tensor (a tuple, a module, ids):
+    a defect already found, an exception, ``sys.exit``, a call that does not return and an input modified
+    in place are its failure; with ``offers``, the call is recorded for the precision diagnosis. The
+    caller checks what it returned (``checked_call`` does that for one tensor)."""
+    __tracebackhide__ = True
+    known = call_probes.DEFECTS.get((label, entry.name))
+    if known:
+        _defect(label, entry.name, call, known)
+    if offers is not None:
+        precision.record(offers, fn, args, kwargs, label)
+    before = call_probes.snapshot(args, kwargs)
+    out = invoke(entry, fn, label, call, args, kwargs)
+    changed = call_probes.modified_inputs(fn, before)
+    if changed:
+        raise ComponentFailure(f"{label}: {call} {changed}")
+    return out
+
+
 def checked_call(
     entry: Component, fn: Callable, label: str, call: str, args: tuple, kwargs: dict[str, Any],
     *, probe: bool = False,

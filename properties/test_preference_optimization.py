@@ -22,10 +22,9 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import implementations
-from properties import call_probes, precision
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true, fail
 from properties.options import Offers, draws_options
-from properties.plugin import COMPONENTS, ComponentFailure, Implementation, invoke, backward, call_arguments
+from properties.plugin import COMPONENTS, ComponentFailure, Implementation, backward, call_arguments, guarded_call
 from properties.strategies import Mask, seeds, tensor
 from spec import preference_optimization as spec
 
@@ -206,12 +205,7 @@ def dpo(impl: Implementation, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *,
     call = f"dpo_loss(b={pc.shape[0]}, {str(pc.dtype).removeprefix('torch.')}, " + \
         ", ".join(f"{k}={v}" for k, v in kwargs.items()) + ")"
     who = f"{impl.label}: {call}"
-    precision.record(offers, fn, args, kwargs, impl.label)
-    before = call_probes.snapshot(args, kwargs)
-    out = invoke(entry, fn, impl.label, call, args, kwargs)
-    changed = call_probes.modified_inputs(fn, before)
-    if changed:
-        raise ComponentFailure(f"{who} {changed}")
+    out = guarded_call(entry, fn, impl.label, call, args, kwargs, offers=offers)
     with_rewards = offers.offers("rewards", True)
     if with_rewards:
         if not (isinstance(out, (tuple, list)) and len(out) == 3 and all(isinstance(t, Tensor) for t in out)):

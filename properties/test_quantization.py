@@ -20,10 +20,9 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import implementations
-from properties import call_probes
 from properties.assertions import FLOAT64_RTOL, PRECISIONS, assert_close, assert_equal, assert_true
 from properties.options import Offers, draws_options
-from properties.plugin import COMPONENTS, CheckedModule, ComponentFailure, Implementation, invoke
+from properties.plugin import COMPONENTS, CheckedModule, ComponentFailure, Implementation, guarded_call
 from properties.strategies import fewer_examples, seeds, tensor
 from spec import quantization as spec
 
@@ -95,12 +94,7 @@ def checked_invoke(impl: Implementation, name: str, fn, call: str, *args: Tensor
     """fn(*args) under the suite's wrapper (an exception or a timeout is the component's failure), and an
     argument written in place reported as such."""
     __tracebackhide__ = True
-    before = call_probes.snapshot(args, {})
-    out = invoke(COMPONENTS[name], fn, impl.label, call, args, {})
-    changed = call_probes.modified_inputs(fn, before)
-    if changed:
-        raise ComponentFailure(f"{impl}: {call} {changed}")
-    return out
+    return guarded_call(COMPONENTS[name], fn, impl.label, call, args, {})
 
 
 def quantized(impl: Implementation, weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,12 +21,10 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import implementations
-from properties import precision
 from properties.assertions import PRECISIONS, assert_close, assert_equal, assert_true, fail
-from properties.call_probes import modified_inputs, snapshot
 from properties.options import Offers, draws_options
-from properties.plugin import (ComponentFailure, Implementation, backward, call_arguments, describe_arguments,
-                               where_raised)
+from properties.plugin import (COMPONENTS, ComponentFailure, Implementation, backward, call_arguments, describe_arguments,
+                               guarded_call)
 from properties.probes import CreatedTensors, math_backend, saved_for_backward
 from properties.strategies import as_mask, attention_configs, boolean_masks, fewer_examples, seeds, tensor
 from properties.test_sdpa import SdpaCall, sdpa_calls
@@ -51,18 +49,7 @@ def tiled(impl: Implementation, q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) 
     offers = impl.offers(TILED)
     kwargs = call_arguments(offers, kwargs)
     fn, who = impl.raw(TILED), f"{impl}: {impl.owner(TILED)}"
-    precision.record(offers, fn, (q, k, v), kwargs, impl.label)
-    before = snapshot((q, k, v), kwargs)
-    try:
-        result = fn(q, k, v, **kwargs)
-    except ComponentFailure:
-        raise
-    except Exception as exc:
-        raise ComponentFailure(f"{who} raised {type(exc).__name__}: {exc}{where_raised(exc, fn)}; it was called "
-                               f"with {describe_arguments((q, k, v), kwargs)}") from None
-    changed = modified_inputs(fn, before)
-    if changed:
-        raise ComponentFailure(f"{who} {changed}")
+    result = guarded_call(COMPONENTS[TILED], fn, impl.label, impl.owner(TILED), (q, k, v), kwargs, offers=offers)
     if not (isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(r, Tensor) for r in result)):
         raise ComponentFailure(f"{who} returned a {type(result).__name__}; the spec's tiled_attention returns "
                                "(out, lse): the output and each query's log-sum-exp")
