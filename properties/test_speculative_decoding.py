@@ -26,7 +26,7 @@ import implementations
 from implementations.speculative_decoding import ForwardCounter
 from properties.assertions import assert_close, assert_equal, assert_frequencies_follow, assert_true, fail
 from properties.options import Offers, draws_options
-from properties.plugin import COMPONENTS, ComponentFailure, Implementation, invoke
+from properties.plugin import COMPONENTS, ComponentFailure, Implementation, call_arguments, guarded_call
 from properties.strategies import seeds
 from properties.test_decoder_only import LM, LMConfig, greedy_reference, lm_configs
 from spec import speculative_decoding as spec
@@ -123,7 +123,7 @@ def accepted_rows(impl: Implementation, case: KernelCase, device) -> tuple[Tenso
             gen = torch.Generator(device=device).manual_seed(case.sample_seed)
             out = impl.function(ACCEPT)(p, q, drafts, generator=gen)
         else:  # random by design: not through the wrapper's repeat probe, which would call it non-deterministic
-            out = invoke(COMPONENTS[ACCEPT], impl.raw(ACCEPT), impl.label, ACCEPT, (p, q, drafts), {})
+            out = guarded_call(COMPONENTS[ACCEPT], impl.raw(ACCEPT), impl.label, ACCEPT, (p, q, drafts), {})
     if not isinstance(out, Tensor) or tuple(out.shape) != (case.samples, case.kd + 1):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ComponentFailure(f"{impl}: {case} returned {got}; the spec says tokens (b, kd + 1) = "
@@ -298,11 +298,23 @@ def generate_cases(draw, offers: Offers, *, drafts=("other", "smaller", "target"
                         sample_seed=draw(seeds(), label="sample_seed"))
 
 
-def speculated(impl: Implementation, case: GenerateCase, target: ForwardCounter, draft: ForwardCounter) -> Tensor:
+def speculated(impl: Implementation, case: GenerateCase, target: ForwardCounter, draft: ForwardCounter, *,
+               counting: bool = False) -> Tensor:
     """The implementation's speculative_generate on the case's prompt; the models are passed inside counting
-    wrappers (which also keep a report from printing their whole module tree)."""
+    wrappers (which also keep a report from printing their whole module tree). ``counting``: the caller
+    reads the counters, so the call goes without the wrapper's repeat probe (the first checked call of a
+    component runs it again, and the counters would count those runs too)."""
     __tracebackhide__ = True
-    return impl.function(GENERATE)(target, draft, case.prompt(), max_new_tokens=case.new, k=case.k, **case.kwargs())
+    args, kwargs = (target, draft, case.prompt()), dict(max_new_tokens=case.new, k=case.k, **case.kwargs())
+    if not counting:
+        return impl.function(GENERATE)(*args, **kwargs)
+    offers = impl.offers(GENERATE)
+    out = guarded_call(COMPONENTS[GENERATE], impl.raw(GENERATE), impl.label, GENERATE, args,
+                       call_arguments(offers, kwargs), offers=offers)
+    if not isinstance(out, Tensor):
+        raise ComponentFailure(f"{impl}: {GENERATE} returned a {type(out).__name__}; the spec's returns the tokens, "
+                               "one tensor")
+    return out
 
 
 @pytest.mark.parametrize("component", [GENERATE])
@@ -340,7 +352,7 @@ def test_a_draft_equal_to_the_target_needs_one_target_forward_per_k_plus_1_token
     case = data.draw(cases, label="case")
     target, _ = case.models()
     counted_target, counted_draft = ForwardCounter(target.module, "target"), ForwardCounter(target.module, "draft")
-    speculated(impl, case, counted_target, counted_draft)
+    speculated(impl, case, counted_target, counted_draft, counting=True)
     want = spec.target_forwards_when_all_accepted(case.new, case.k)
     assert_true(counted_target.calls == want,
                 claim=f"{case}: the target runs ceil({case.new} / ({case.k} + 1)) = {want} times",
